@@ -1,0 +1,111 @@
+"""Random checkpoints of any size in the official on-disk format (`rvr make-checkpoint`).
+
+Every test builds one of these and goes through the real loader; presets also describe the real
+BAGEL-7B-MoT shapes for GPU benchmarks with random weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import save_checkpoint
+from engine.config import BagelConfig, ImageTransform, LLMConfig, VAEConfig, ViTConfig
+from engine.model.bagel import Bagel
+from engine.model.vae import AutoEncoder
+from engine.tokenizer import Tokenizer, write_tiny_tokenizer
+
+
+def preset(name: str, vocab_size: int = 152064) -> BagelConfig:
+    """`tiny` (tests, ~1 MB), `small` (demo-sized), `bagel-7b` (the real shapes)."""
+    if name == "tiny":
+        return BagelConfig(
+            llm=LLMConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=vocab_size,
+                max_position_embeddings=4096,
+            ),
+            vit=ViTConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_attention_heads=2,
+                num_hidden_layers=3,
+                image_size=56,
+            ),
+            vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=4),
+            max_latent_size=8,
+            vit_max_num_patch_per_side=4,
+            vae_transform=ImageTransform(128, 32, 16, max_pixels=128 * 128),
+            vit_transform=ImageTransform(56, 28, 14, max_pixels=56 * 56),
+        )
+    if name == "small":
+        return BagelConfig(
+            llm=LLMConfig(
+                hidden_size=256,
+                intermediate_size=512,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=vocab_size,
+                max_position_embeddings=4096,
+            ),
+            vit=ViTConfig(
+                hidden_size=96,
+                intermediate_size=192,
+                num_attention_heads=2,
+                num_hidden_layers=4,
+                image_size=112,
+            ),
+            vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=8),
+            max_latent_size=8,
+            vit_max_num_patch_per_side=8,
+            vae_transform=ImageTransform(128, 64, 16, max_pixels=128 * 128),
+            vit_transform=ImageTransform(112, 56, 14, max_pixels=112 * 112),
+        )
+    if name == "bagel-7b":
+        return BagelConfig()
+    raise ValueError(f"unknown preset {name!r} (tiny, small, bagel-7b)")
+
+
+PRESETS = ("tiny", "small", "bagel-7b")
+
+
+def random_weights(cfg: BagelConfig, seed: int) -> tuple[Bagel, AutoEncoder]:
+    torch.manual_seed(seed)
+    model = Bagel(cfg)
+    # llm2vae is zero-initialised in training; random here so untrained outputs are not all equal.
+    vae = AutoEncoder(cfg.vae)
+    return model, vae
+
+
+def make_checkpoint(
+    out_dir: str | Path,
+    preset_name: str = "tiny",
+    seed: int = 0,
+    weights: tuple[str, ...] = ("ema", "rvr"),
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a random checkpoint (configs, tokenizer, weight files, ae.safetensors) and return its path.
+
+    With both weight sets, `rvr` gets different random weights than `ema`, so tests can tell them apart.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_tiny_tokenizer(out)
+    tok = Tokenizer.from_dir(out)
+    vocab = -(-tok.vocab_size // 64) * 64  # embedding rows rounded up, like Qwen2's padded vocab
+    cfg = preset(preset_name, vocab_size=vocab)
+    model, vae = random_weights(cfg, seed)
+    states = {}
+    for i, name in enumerate(weights):
+        if i:
+            model, _ = random_weights(replace(cfg), seed + 1000 * i)
+        states[name] = model.state_dict()
+    save_checkpoint(out, cfg, states, vae.state_dict(), dtype=dtype)
+    return out

@@ -1,0 +1,105 @@
+"""Typed boundary of the engine: what a caller (CLI, server worker) hands in and gets back.
+
+No HTTP, queue or job concepts here; `request_id` is an opaque correlation id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+Task = Literal["refine", "generate", "edit"]
+RenormType = Literal["global", "channel", "text_channel"]
+TASKS: tuple[str, ...] = ("refine", "generate", "edit")
+RENORM_TYPES: tuple[str, ...] = ("global", "channel", "text_channel")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampler settings. `steps` is the official `num_timesteps` T: T - 1 model evaluations."""
+
+    steps: int = 50
+    cfg_text: float = 4.0
+    cfg_img: float = 2.0
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
+    renorm: RenormType = "text_channel"
+    renorm_min: float = 0.0
+    shift: float = 3.0
+
+    @classmethod
+    def for_task(cls, task: str, **overrides) -> SamplingParams:
+        """Released defaults: RvR refine and BAGEL edit (rvr.md §1.5), BAGEL notebook T2I (bagel-model.md §3.6)."""
+        base = TASK_DEFAULTS[task]
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    def validate(self) -> None:
+        if not 2 <= self.steps <= 1000:
+            raise ValueError(f"steps must be in [2, 1000], got {self.steps}")
+        lo, hi = self.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {self.cfg_interval}")
+        if self.renorm not in RENORM_TYPES:
+            raise ValueError(f"renorm must be one of {RENORM_TYPES}, got {self.renorm!r}")
+        if not 0.0 <= self.renorm_min <= 1.0:
+            raise ValueError(f"renorm_min must be in [0, 1], got {self.renorm_min}")
+        if not 0.0 < self.shift <= 100.0:
+            raise ValueError(f"shift must be in (0, 100], got {self.shift}")
+        for name in ("cfg_text", "cfg_img"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 100.0:
+                raise ValueError(f"{name} must be in [0, 100], got {value}")
+
+
+TASK_DEFAULTS: dict[str, SamplingParams] = {
+    "refine": SamplingParams(cfg_text=4.0, cfg_img=2.0, cfg_interval=(0.0, 1.0), renorm="text_channel"),
+    "edit": SamplingParams(cfg_text=4.0, cfg_img=2.0, cfg_interval=(0.0, 1.0), renorm="text_channel"),
+    "generate": SamplingParams(cfg_text=4.0, cfg_img=1.0, cfg_interval=(0.4, 1.0), renorm="global"),
+}
+
+
+@dataclass
+class GenerationRequest:
+    """One image request. `image` is the misaligned image (refine) or the image to edit (edit)."""
+
+    task: Task
+    prompt: str
+    image: Image.Image | None = None
+    params: SamplingParams | None = None  # None: the task's released defaults
+    seed: int | None = None  # None: a random seed, reported back in the output
+    height: int | None = None  # None: the input's VAE-rule size (refine/edit) or 1024 (generate)
+    width: int | None = None
+    rounds: int = 1  # refine only: feed each output back as the next input
+    until_score: float | None = None  # refine only: stop once the judge's p(yes) >= until_score
+    request_id: str = ""
+    # Carried between rounds so round k+1 continues the seed's random stream.
+    generator: torch.Generator | None = field(default=None, repr=False)
+    round_index: int = 1
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """Progress of one request after one denoising step (`step` of `total`, 1-based)."""
+
+    request_id: str
+    round_index: int
+    rounds: int
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
+class RoundOutput:
+    """The decoded image of one finished round. `next_request` is set when another round follows."""
+
+    request_id: str
+    image: Image.Image
+    round_index: int
+    seed: int
+    score: float | None  # judge p(yes) when `until_score` was asked
+    done: bool
+    next_request: GenerationRequest | None = None
+    timings: dict[str, float] = field(default_factory=dict)
