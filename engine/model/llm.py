@@ -109,6 +109,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(d, eps)
         self.post_attention_layernorm_moe_gen = RMSNorm(d, eps)
 
+    def pre_attention(self, h: torch.Tensor, gen: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token work before attention for one expert's rows: input norm, q/k/v, QK-norm."""
+        return self.self_attn.qkv((self.input_layernorm_moe_gen if gen else self.input_layernorm)(h), gen)
+
+    def post_attention(self, h: torch.Tensor, o: torch.Tensor, gen: bool) -> torch.Tensor:
+        """Per-token work after attention for one expert's rows: o_proj + residual, norm, MLP + residual."""
+        h = h + self.self_attn.out(o, gen)
+        norm = self.post_attention_layernorm_moe_gen if gen else self.post_attention_layernorm
+        return h + (self.mlp_moe_gen if gen else self.mlp)(norm(h))
+
     def forward(
         self,
         h_und: torch.Tensor,  # (Tu, hidden)
@@ -118,9 +128,11 @@ class DecoderLayer(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor],  # this layer's pool K, V: (capacity, Hkv, D)
         attention: AttentionFn,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        attn, routing = self.self_attn, batch.routing
-        q_u, k_u, v_u = attn.qkv(self.input_layernorm(h_und), gen=False)
-        q_g, k_g, v_g = attn.qkv(self.input_layernorm_moe_gen(h_gen), gen=True)
+        # Only routing, RoPE, cache writes and attention depend on the batch layout; the per-token blocks
+        # (`pre_attention`, `post_attention`) take any row count, which is what compile backends wrap.
+        routing = batch.routing
+        q_u, k_u, v_u = self.pre_attention(h_und, gen=False)
+        q_g, k_g, v_g = self.pre_attention(h_gen, gen=True)
         dtype = h_und.dtype if h_und.numel() else h_gen.dtype
         cos, sin = rope
         q = apply_rope(routing.merge(q_u, q_g), cos, sin).to(dtype)  # (T, Hq, D)
@@ -132,11 +144,7 @@ class DecoderLayer(nn.Module):
             pool_v[w.slot : w.slot + w.n] = v[w.row : w.row + w.n]
         o = attention(q, k, v, pool_k, pool_v, batch.layout)  # (T, Hq, D)
         o_u, o_g = routing.split(o.reshape(o.shape[0], -1))
-        h_und = h_und + attn.out(o_u, gen=False)
-        h_gen = h_gen + attn.out(o_g, gen=True)
-        h_und = h_und + self.mlp(self.post_attention_layernorm(h_und))
-        h_gen = h_gen + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(h_gen))
-        return h_und, h_gen
+        return self.post_attention(h_und, o_u, gen=False), self.post_attention(h_gen, o_g, gen=True)
 
 
 class Qwen2MoTModel(nn.Module):
