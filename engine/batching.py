@@ -292,6 +292,13 @@ class Engine:
         for img, prompt in items:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise InvalidRequestError("judge prompt must be a non-empty string")
+            if not isinstance(img, Image.Image) or min(img.size) < 1:
+                raise InvalidRequestError("judge needs a non-empty PIL image")
+            n_tokens = len(self.tokenizer.encode(prompt))
+            if n_tokens > self.limits.max_prompt_tokens:
+                raise InvalidRequestError(
+                    f"prompt is {n_tokens} tokens; the limit is {self.limits.max_prompt_tokens}"
+                )
             ci = context_image(img, self.cfg)
             images.append(ci)
         vit = self._vit_embeddings(ws.model, images)

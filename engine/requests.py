@@ -13,7 +13,7 @@ from engine.errors import InvalidRequestError
 from engine.preprocess import pil_img2rgb, resize_dims, resize_image
 from engine.prompts import JUDGE_QUESTION, REFINE_PROMPT, REFINE_SYSTEM_PROMPT
 from engine.tokenizer import Tokenizer
-from engine.types import TASKS, GenerationRequest, SamplingParams
+from engine.types import TASKS, GenerationRequest, SamplingParams, _is_int, _is_number
 
 MAX_SEED = 2**63 - 1
 
@@ -57,6 +57,8 @@ def validate_request(
     if n_tokens > limits.max_prompt_tokens:
         raise InvalidRequestError(f"prompt is {n_tokens} tokens; the limit is {limits.max_prompt_tokens}")
     params = req.params or SamplingParams.for_task(req.task)
+    if not isinstance(params, SamplingParams):
+        raise InvalidRequestError("params must be a SamplingParams")
     try:
         params.validate()
     except ValueError as exc:
@@ -68,6 +70,14 @@ def validate_request(
             raise InvalidRequestError("input image is empty")
     elif req.image is not None:
         raise InvalidRequestError("generate takes no input image")
+    for name in ("seed", "height", "width"):
+        value = getattr(req, name)
+        if value is not None and not _is_int(value):
+            raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
+    if not _is_int(req.rounds):
+        raise InvalidRequestError(f"rounds must be an integer, got {req.rounds!r}")
+    if req.until_score is not None and not _is_number(req.until_score):
+        raise InvalidRequestError(f"until_score must be a number, got {req.until_score!r}")
     if req.task != "refine" and (req.rounds != 1 or req.until_score is not None):
         raise InvalidRequestError("rounds and until_score apply to refine only")
     if not 1 <= req.rounds <= limits.max_rounds:

@@ -5,6 +5,7 @@ No HTTP, queue or job concepts here; `request_id` is an opaque correlation id.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -37,6 +38,14 @@ class SamplingParams:
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     def validate(self) -> None:
+        if not _is_int(self.steps):
+            raise ValueError(f"steps must be an integer, got {self.steps!r}")
+        for name in ("cfg_text", "cfg_img", "renorm_min", "shift"):
+            if not _is_number(getattr(self, name)):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
+        interval = self.cfg_interval
+        if not isinstance(interval, tuple | list) or len(interval) != 2 or not all(map(_is_number, interval)):
+            raise ValueError(f"cfg_interval must be two numbers, got {interval!r}")
         if not 2 <= self.steps <= 1000:
             raise ValueError(f"steps must be in [2, 1000], got {self.steps}")
         lo, hi = self.cfg_interval
@@ -52,6 +61,14 @@ class SamplingParams:
             value = getattr(self, name)
             if not 0.0 <= value <= 100.0:
                 raise ValueError(f"{name} must be in [0, 100], got {value}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 TASK_DEFAULTS: dict[str, SamplingParams] = {
