@@ -8,6 +8,8 @@ implementation reaches (issue #2); routing markers to the wrong expert or a top-
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -20,10 +22,32 @@ from tests.engine.official_reference import Reference
 RTOL = 1e-5
 
 
+# RVR_TEST_DEVICE=cuda runs the engine under test on the GPU (float32, TF32 off, the Triton kernel);
+# the float64 reference always runs on the CPU.
+DEVICE = os.environ.get("RVR_TEST_DEVICE", "cpu")
+
+
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = make_checkpoint(tmp_path_factory.mktemp("parity") / "m", "tiny", seed=3)
-    return load_engine(path, device="cpu", attention="reference")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("parity") / "m", "tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    if DEVICE.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        return load_engine(checkpoint, device=DEVICE, dtype="float32", attention="kernel")
+    return load_engine(checkpoint, device="cpu", attention="reference")
+
+
+@pytest.fixture(scope="module")
+def ref_engine(engine, checkpoint):
+    return (
+        engine
+        if engine.device.type == "cpu"
+        else load_engine(checkpoint, device="cpu", attention="reference")
+    )
 
 
 def _image(seed: int, size=(100, 70)) -> Image.Image:
@@ -38,7 +62,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _context_kv(engine, state, name: str, layer: int, sys_len: int) -> torch.Tensor:
     """K rows of a context in the reference's order (the engine stores cfg_img as [PROMPT'][SYS])."""
     r = state.contexts[name]
-    k = state.weights.pool.k[layer, r.offset : r.offset + r.length]
+    k = state.weights.pool.k[layer, r.offset : r.offset + r.length].cpu()
     if state.request.task == "refine" and name == "cfg_img":
         prompt_len = r.length - sys_len
         k = torch.cat([k[prompt_len:], k[:prompt_len]])
@@ -78,7 +102,7 @@ REQUESTS = [
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["alone", "packed"])
-def test_engine_matches_official_structure(engine, packed):
+def test_engine_matches_official_structure(engine, ref_engine, packed):
     requests = REQUESTS
     groups = [requests] if packed else [[r] for r in requests]
     sys_len = len(engine.tokenizer.encode(REFINE_SYSTEM_PROMPT)) + 2
@@ -86,7 +110,7 @@ def test_engine_matches_official_structure(engine, packed):
         states = engine.prepare(group)
         for state in states:
             req = state.request
-            ref = Reference(engine, state.weights.name)
+            ref = Reference(ref_engine, state.weights.name)
             contexts, generator = _reference_contexts(ref, req)
             # 1. Prefill: every context's kv length, rope and K/V rows at every layer.
             for name, ctx in contexts.items():
@@ -99,13 +123,13 @@ def test_engine_matches_official_structure(engine, packed):
             # 2. Initial noise: the same CPU stream (after the VAE posterior draw for edit).
             h, w = state.grid
             x_init = torch.randn(h * w, engine.cfg.latent_channels, generator=generator)
-            assert torch.equal(state.x, x_init)
+            assert torch.equal(state.x.cpu(), x_init)
             state.reference = ref.sample(contexts, x_init, h, w, req.params)
         while not all(s.done for s in states):
             engine.step(states)
         for state in states:
             # 3. Final latents and decoded image.
-            err = _rel(state.x, state.reference)
+            err = _rel(state.x.cpu(), state.reference)
             assert err < RTOL, f"{state.request.task}: final latents differ by {err:.2e} (relative)"
             out = engine.finish(state)
             ref_img = np.asarray(
@@ -115,8 +139,9 @@ def test_engine_matches_official_structure(engine, packed):
         assert all(ws.pool.used == 0 for ws in engine.weight_sets.values())
 
 
-def test_top_left_causal_mask_would_be_caught(engine):
+def test_top_left_causal_mask_would_be_caught(ref_engine):
     """Sanity check of the reference itself: a top-left aligned causal mask changes chunked text KV."""
+    engine = ref_engine
     ref = Reference(engine, "rvr")
     ids = [
         engine.tokenizer.bos_id,

@@ -1,0 +1,53 @@
+"""`python -m kernels.bench` runs: --smoke on the CPU, and a clean exit without CUDA."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args, tmp_path):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "kernels.bench", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=180,
+    )
+
+
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run("--smoke", "--out", str(out), tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    assert data["conditions"]["mode"].startswith("smoke")
+    shapes = {r["shape"] for r in data["results"]}
+    assert shapes == {"denoise1", "denoise4", "prefill", "train"}
+    ours = [r for r in data["results"] if r["method"] == "ours"]
+    assert len(ours) == 4 and all(r["ok"] and r["ms"] > 0 and r["tflops"] > 0 for r in ours)
+    checked = [r for r in data["results"] if "max_err" in r]
+    assert checked and all(r["ok"] for r in checked), checked
+    assert "denoise1" in proc.stdout and "TFLOP/s" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+def test_bench_without_cuda(tmp_path):
+    out = tmp_path / "skip.json"
+    proc = _run("--out", str(out), tmp_path=tmp_path)
+    assert proc.returncode == 0
+    assert "no CUDA device" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "skipped" in json.loads(out.read_text())
