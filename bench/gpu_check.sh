@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, for a lent H100/H200 (about 8 minutes; the device budget is 15).
 # Runs with the machine's own python3 (torch + triton + safetensors + tokenizers + pillow are there);
-# no install needed. Results land in $OUT (default bench/out): JSON per benchmark plus logs.
+# no install needed. Results land in $OUT (default bench/out): conditions.txt, one gpu_check.log and a
+# JSON per benchmark (5 files; the device returns at most 8).
 #
 #   bash bench/gpu_check.sh            # then copy the figures into bench/RESULTS.md with card and date
 set -uo pipefail
@@ -14,15 +15,15 @@ mkdir -p "$OUT"
   | tee "$OUT/conditions.txt"
 
 # 1. bf16/fp16 numerics of the compiled kernel, and engine parity in float32 (TF32 off) on the GPU.
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_gpu.py 2>&1 | tee "$OUT/kernels_gpu_tests.log"
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_gpu.py 2>&1 | tee -a "$OUT/gpu_check.log"
 RVR_TEST_DEVICE=cuda timeout 180 python3 -m pytest -q -p no:cacheprovider tests/engine/test_parity.py 2>&1 \
-  | tee "$OUT/engine_parity_gpu.log"
+  | tee -a "$OUT/gpu_check.log"
 
 # 2. Attention on the anchor shapes: kernel vs SDPA per branch, SDPA dense mask, FlexAttention.
-timeout 300 python3 -m kernels.bench --out "$OUT/kernels_bench.json" 2>&1 | tee "$OUT/kernels_bench.log"
+timeout 300 python3 -m kernels.bench --out "$OUT/kernels_bench.json" 2>&1 | tee -a "$OUT/gpu_check.log"
 
 # 3. One 1024^2 RvR refine at BAGEL-7B-MoT shapes (random bf16 weights), with and without the kernel.
 timeout 300 python3 bench/engine_refine.py --attention kernel --profile --out "$OUT/engine_kernel.json" 2>&1 \
-  | tee "$OUT/engine_kernel.log"
+  | tee -a "$OUT/gpu_check.log"
 timeout 300 python3 bench/engine_refine.py --attention reference --out "$OUT/engine_reference.json" 2>&1 \
-  | tee "$OUT/engine_reference.log"
+  | tee -a "$OUT/gpu_check.log"
