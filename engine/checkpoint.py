@@ -51,7 +51,7 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     return found
 
 
-def read_config(model_dir: Path) -> BagelConfig:
+def read_config(model_dir: Path, prefer: str | None = None) -> BagelConfig:
     """Configs from the JSON files, VAE sizes from ae.safetensors, max_latent_size from the stored table."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -61,7 +61,9 @@ def read_config(model_dir: Path) -> BagelConfig:
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{model_dir / AE_FILE}: unexpected autoencoder layout ({exc})") from None
     cfg = load_config(model_dir, vae)
-    shapes = read_shapes(next(iter(weight_files(model_dir).values())))
+    files = weight_files(model_dir)
+    # Read only the weight file that will be loaded, so a broken other file cannot stop a single-file load.
+    shapes = read_shapes(files.get(prefer) or next(iter(files.values())))
     rows = shapes.get("latent_pos_embed.pos_embed", (0,))[0]
     side = math.isqrt(rows)
     if side * side != rows or side == 0:

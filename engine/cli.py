@@ -138,12 +138,23 @@ def _progress(args, total_rounds: int = 1):
     return on_step, lambda: bars and bars[0].close()
 
 
+def _check_output(path: Path) -> None:
+    """Fail before any work when the output format is unknown."""
+    from PIL import Image
+
+    from engine.errors import InvalidRequestError
+
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise InvalidRequestError(f"unknown output image format {path.suffix!r} (use .png, .jpg or .webp)")
+
+
 def _save(image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 
 
 def _refine(args) -> int:
+    _check_output(args.output)
     image = _open_image(args.image)
     engine = _engine(args)
     on_step, close = _progress(args)
@@ -163,6 +174,7 @@ def _refine(args) -> int:
 
 
 def _generate(args) -> int:
+    _check_output(args.output)
     engine = _engine(args)
     on_step, close = _progress(args)
     try:
@@ -177,6 +189,7 @@ def _generate(args) -> int:
 
 
 def _edit(args) -> int:
+    _check_output(args.output)
     image = _open_image(args.image)
     engine = _engine(args)
     on_step, close = _progress(args)

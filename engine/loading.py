@@ -48,7 +48,10 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"invalid device {device!r}: {exc}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("device 'cuda' requested but CUDA is not available")
     return dev
@@ -85,7 +88,7 @@ def load_engine(
     path = Path(model_dir) if model_dir is not None else default_model_dir(cache_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    cfg = read_config(path)
+    cfg = read_config(path, weights if weights in ("rvr", "ema") else None)
     files = weight_files(path)
     if weights in ("rvr", "ema"):
         if weights not in files:

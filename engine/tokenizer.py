@@ -93,7 +93,14 @@ class Tokenizer:
             tok = HFTokenizer.from_str(json.dumps(_tokenizer_doc(vocab, merges, added)))
         except Exception as exc:  # the Rust loader raises plain Exception subclasses
             raise CheckpointError(f"{path}: invalid vocab.json/merges.txt: {exc}") from None
-        return cls(tok)
+        try:
+            return cls(tok)
+        except CheckpointError as exc:
+            if config_file.is_file():
+                raise
+            raise CheckpointError(
+                f"{path}: no tokenizer.json, and missing tokenizer_config.json ({exc})"
+            ) from None
 
     @property
     def vocab_size(self) -> int:
