@@ -153,56 +153,54 @@ def _save(image, path: Path) -> None:
     image.save(path)
 
 
-def _refine(args) -> int:
-    _check_output(args.output)
-    image = _open_image(args.image)
+def _image_command(args, call) -> int:
+    """Load the engine, run `call(engine, on_step)` with a progress bar, save and report the image."""
     engine = _engine(args)
     on_step, close = _progress(args)
     try:
-        out = engine.refine(
-            image, args.prompt, rounds=args.rounds, until_score=args.until_score, seed=args.seed,
-            height=args.height, width=args.width, on_step=on_step, **_params(args),
-        )  # fmt: skip
+        out = call(engine, on_step)
     finally:
         close()
     _save(out.image, args.output)
-    score = f" score={out.score:.4f}" if out.score is not None else ""
-    print(
-        f"{args.output} {out.image.width}x{out.image.height} seed={out.seed} rounds={out.round_index}{score}"
-    )
+    line = f"{args.output} {out.image.width}x{out.image.height} seed={out.seed}"
+    if args.command == "refine":
+        line += f" rounds={out.round_index}" + (f" score={out.score:.4f}" if out.score is not None else "")
+    print(line)
     return 0
+
+
+def _refine(args) -> int:
+    _check_output(args.output)
+    image = _open_image(args.image)
+    return _image_command(
+        args,
+        lambda engine, on_step: engine.refine(
+            image, args.prompt, rounds=args.rounds, until_score=args.until_score, seed=args.seed,
+            height=args.height, width=args.width, on_step=on_step, **_params(args),
+        ),
+    )  # fmt: skip
 
 
 def _generate(args) -> int:
     _check_output(args.output)
-    engine = _engine(args)
-    on_step, close = _progress(args)
-    try:
-        out = engine.generate(
+    return _image_command(
+        args,
+        lambda engine, on_step: engine.generate(
             args.prompt, args.height, args.width, seed=args.seed, on_step=on_step, **_params(args)
-        )
-    finally:
-        close()
-    _save(out.image, args.output)
-    print(f"{args.output} {out.image.width}x{out.image.height} seed={out.seed}")
-    return 0
+        ),
+    )
 
 
 def _edit(args) -> int:
     _check_output(args.output)
     image = _open_image(args.image)
-    engine = _engine(args)
-    on_step, close = _progress(args)
-    try:
-        out = engine.edit(
+    return _image_command(
+        args,
+        lambda engine, on_step: engine.edit(
             image, args.prompt, seed=args.seed, height=args.height, width=args.width, on_step=on_step,
             **_params(args),
-        )  # fmt: skip
-    finally:
-        close()
-    _save(out.image, args.output)
-    print(f"{args.output} {out.image.width}x{out.image.height} seed={out.seed}")
-    return 0
+        ),
+    )  # fmt: skip
 
 
 def _judge(args) -> int:
