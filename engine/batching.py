@@ -51,6 +51,7 @@ from kernels import SequenceSpec, build_layout
 
 BRANCHES = ("gen", "cfg_text", "cfg_img")
 StepCallback = Callable[[StepEvent, Callable[..., Image.Image]], None]
+BranchStepFn = Callable[["RequestState", str], torch.Tensor]
 
 
 def _params(task: str, overrides: dict) -> SamplingParams:
@@ -165,6 +166,9 @@ class Engine:
         self._info = dict(info or {})
         self._markers = torch.tensor([tokenizer.vision_start_id, tokenizer.vision_end_id], device=device)
         self._empty_kv = torch.empty(0, llm.num_key_value_heads, llm.head_dim, dtype=dtype, device=device)
+        # Per weight set, an optional `fn(state, branch) -> (N, C) velocity` that replaces the packed denoise
+        # forward (compiled one-branch modules, e.g. TensorRT engines); prefill always stays packed.
+        self.branch_steps: dict[str, BranchStepFn] = {}
 
     # ------------------------------------------------------------------ public API
 
@@ -534,9 +538,7 @@ class Engine:
     # ------------------------------------------------------------------ denoising
 
     def _denoise_step(self, ws: WeightSet, states: list[RequestState]) -> None:
-        rows = _Rows()
         plans = []
-        markers = ws.model.embed_tokens(self._markers)
         for s in states:
             t = s.timesteps[s.step]
             g = guidance_at(s.request.params, t)
@@ -545,24 +547,14 @@ class Engine:
                 + (["cfg_text"] if g.use_text_branch else [])
                 + (["cfg_img"] if g.use_img_branch else [])
             )
-            n = s.x.shape[0]
-            lat = ws.model.embed_latents(s.x, torch.full((n,), t, device=self.device), s.latent_ids)
-            for b in branches:
-                ctx = s.contexts[b]
-                rows.add(markers[:1], ctx.rope, gen=False)
-                rows.add(lat, ctx.rope, gen=True)
-                rows.add(markers[1:], ctx.rope, gen=False)
-                rows.seqs.append(SequenceSpec((AttnSegment(n + 2, False),), ctx.offset, ctx.length))
-            plans.append((s, t, g, len(branches)))
-        embeds, batch = rows.batch(self.device)
+            plans.append((s, t, g, branches))
         t0 = time.perf_counter()
-        _, h_gen = ws.model.llm(embeds, batch, ws.pool.layers(), self._attention)
-        v_all = ws.model.velocity(h_gen)  # (sum of branch latents, C), branch after branch
-        offset = 0
-        for s, t, g, nb in plans:
-            n = s.x.shape[0]
-            vs = [v_all[offset + i * n : offset + (i + 1) * n] for i in range(nb)]
-            offset += nb * n
+        branch_step = self.branch_steps.get(ws.name)
+        if branch_step is None:
+            velocities = self._packed_velocities(ws, plans)
+        else:
+            velocities = [[branch_step(s, b) for b in branches] for s, _, _, branches in plans]
+        for (s, t, g, _), vs in zip(plans, velocities, strict=True):
             v_text = vs[1] if g.use_text_branch else None
             v_img = vs[2] if g.use_img_branch else None
             v = combine(vs[0], v_text, v_img, g, s.request.params.renorm, s.request.params.renorm_min)
@@ -572,6 +564,29 @@ class Engine:
         elapsed = time.perf_counter() - t0
         for s, *_ in plans:
             s.timings["denoise_s"] = s.timings.get("denoise_s", 0.0) + elapsed
+
+    def _packed_velocities(self, ws: WeightSet, plans) -> list[list[torch.Tensor]]:
+        """Every branch of every request as one packed forward -> per request, per branch (N, C) velocity."""
+        rows = _Rows()
+        markers = ws.model.embed_tokens(self._markers)
+        for s, t, _, branches in plans:
+            n = s.x.shape[0]
+            lat = ws.model.embed_latents(s.x, torch.full((n,), t, device=self.device), s.latent_ids)
+            for b in branches:
+                ctx = s.contexts[b]
+                rows.add(markers[:1], ctx.rope, gen=False)
+                rows.add(lat, ctx.rope, gen=True)
+                rows.add(markers[1:], ctx.rope, gen=False)
+                rows.seqs.append(SequenceSpec((AttnSegment(n + 2, False),), ctx.offset, ctx.length))
+        embeds, batch = rows.batch(self.device)
+        _, h_gen = ws.model.llm(embeds, batch, ws.pool.layers(), self._attention)
+        v_all = ws.model.velocity(h_gen)  # (sum of branch latents, C), branch after branch
+        out, offset = [], 0
+        for s, _, _, branches in plans:
+            n = s.x.shape[0]
+            out.append([v_all[offset + i * n : offset + (i + 1) * n] for i in range(len(branches))])
+            offset += len(branches) * n
+        return out
 
     # ------------------------------------------------------------------ decoding
 

@@ -22,6 +22,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights", default="auto", choices=("auto", "both", "rvr", "ema"), help="weight files to load"
     )
+    p.add_argument(
+        "--backend", default="eager", choices=("eager", "inductor", "tensorrt"), help="compile backend"
+    )
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -106,7 +109,7 @@ def _open_image(path: Path):
 def _engine(args):
     from engine.loading import load_engine
 
-    return load_engine(args.model, args.device, args.dtype, weights=args.weights)
+    return load_engine(args.model, args.device, args.dtype, weights=args.weights, backend=args.backend)
 
 
 def _params(args) -> dict:

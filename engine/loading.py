@@ -76,11 +76,14 @@ def load_engine(
     kv_capacity: int | None = None,
     limits: RequestLimits | None = None,
     cache_dir: str | Path | None = None,
+    backend: str = "eager",
+    backend_options: dict | None = None,
 ) -> Engine:
     """Load a checkpoint directory into an `Engine`.
 
     `weights`: `auto`/`both` keep every weight file resident (refine uses rvr, the rest ema);
-    `rvr` or `ema` loads one file and uses it for every task.
+    `rvr` or `ema` loads one file and uses it for every task. `backend`: `eager` (default),
+    `inductor` (torch.compile of the per-token blocks) or `tensorrt` (needs TensorRT installed).
 
         >>> engine = load_engine("models/RvR-7B-MoT", device="cuda")          # doctest: +SKIP
         >>> out = engine.refine(image, "two red apples on a table", seed=42)  # doctest: +SKIP
@@ -103,8 +106,8 @@ def load_engine(
         )
     models = {name: load_bagel(f, cfg, dev, dt) for name, f in files.items()}
     vae = load_vae(path, cfg, dev, dt if dev.type == "cuda" else torch.float32)
-    info = {"model_dir": str(path), "weight_files": {k: v.name for k, v in files.items()}}
-    return Engine(
+    info = {"model_dir": str(path), "weight_files": {k: v.name for k, v in files.items()}, "backend": backend}
+    engine = Engine(
         cfg,
         tokenizer,
         models,
@@ -116,3 +119,13 @@ def load_engine(
         limits=limits,
         info=info,
     )
+    from engine.backends import (
+        BackendUnavailable,
+        apply_backend,
+    )  # lazy: keeps compilers off the default path
+
+    try:
+        apply_backend(engine, backend, **(backend_options or {}))
+    except (BackendUnavailable, ValueError) as exc:
+        raise CheckpointError(f"backend {backend!r}: {exc}") from None
+    return engine

@@ -1,0 +1,28 @@
+"""The reference backend: the engine as written (packed varlen forwards, eager PyTorch)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from engine.backends.base import Backend, Capabilities
+
+if TYPE_CHECKING:
+    from engine.batching import Engine
+
+
+class EagerBackend(Backend):
+    name = "eager"
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            dtypes=("float32", "bfloat16", "float16"),
+            devices=("cpu", "cuda"),
+            max_n=None,
+            max_p=None,
+            cfg_batching=True,
+            varlen=True,
+            artifacts=False,
+        )
+
+    def apply(self, engine: Engine) -> None:
+        """Nothing to do: every other backend is checked against this one."""
