@@ -66,7 +66,9 @@ def classify(name: str) -> str:
     n = name.lower()
     if any(s in n for s in ("attn", "attention", "flash", "fmha", "sdpa", "softmax")):
         return "attention"
-    if any(s in n for s in ("gemm", "matmul", "cutlass", "xmma", "cublas", "nvjet", "addmm", "aten::mm", "bmm")):
+    if any(
+        s in n for s in ("gemm", "matmul", "cutlass", "xmma", "cublas", "nvjet", "addmm", "aten::mm", "bmm")
+    ):
         return "gemm"
     return "other"
 

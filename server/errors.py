@@ -1,0 +1,94 @@
+"""The one error type of the server, and the one place it becomes an HTTP response.
+
+`code` is the string a client sees in `{"error": {"code", "message"}}`, in SSE `failed` events, in job
+status, and as the `rvr_request_failures_total{code}` label.
+"""
+
+from __future__ import annotations
+
+
+class ServeError(Exception):
+    code = "internal"
+    status = 500
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, job_id: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+        self.job_id = job_id
+
+    def body(self) -> dict:
+        error: dict = {"code": self.code, "message": self.message}
+        if self.job_id:
+            error["job_id"] = self.job_id
+        return {"error": error}
+
+
+class Overloaded(ServeError):
+    code, status = "overloaded", 503
+
+
+class Unavailable(ServeError):
+    code, status = "unavailable", 503
+
+
+class PayloadTooLarge(ServeError):
+    code, status = "payload_too_large", 413
+
+
+class UnsupportedMediaType(ServeError):
+    code, status = "unsupported_media_type", 415
+
+
+class InvalidInput(ServeError):
+    code, status = "invalid_input", 422
+
+
+class ImageTooLarge(ServeError):
+    code, status = "image_too_large", 400
+
+
+class BadRequest(ServeError):
+    code, status = "bad_request", 400
+
+
+class Unauthorized(ServeError):
+    code, status = "unauthorized", 401
+
+
+class NotFound(ServeError):
+    code, status = "not_found", 404
+
+
+class IdempotencyMismatch(ServeError):
+    """An Idempotency-Key reused with another payload. The same payload gets the same job back, also
+    while it runs, so the IETF draft's 409 (still in flight) never arises."""
+
+    code, status = "idempotency_conflict", 422
+
+
+class JobNotFinished(ServeError):
+    code, status = "not_ready", 409
+
+
+class JobCancelled(ServeError):
+    code, status = "cancelled", 409
+
+
+# Job failure codes (stored on the job, shown in status and SSE) and the HTTP status of a waiting caller
+# (`queue_timeout`: the deadline passed in the queue, 504).
+FAILURE_STATUS = {
+    "queue_timeout": 504,
+    "invalid_input": 422,
+    "generation_failed": 500,
+    "dead_lettered": 500,
+    "unavailable": 503,
+    "cancelled": 409,
+}
+
+
+def job_failure(code: str, message: str, job_id: str) -> ServeError:
+    """The error a `Prefer: wait` caller gets for a job that ended with failure `code`."""
+    err = ServeError(message, job_id=job_id)
+    err.code, err.status = code, FAILURE_STATUS.get(code, 500)
+    return err

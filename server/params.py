@@ -1,0 +1,123 @@
+"""Request bodies -> validated parameters and raw image bytes (JSON with base64, or multipart)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from server.errors import BadRequest, InvalidInput, ServeError, UnsupportedMediaType
+from server.schemas import JobParams
+from server.settings import Settings
+from server.uploads import check_declared_type
+
+_MAX_FIELDS = 32
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in e["loc"]) or "body"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def _form_value(name: str, value: str) -> Any:
+    # Multipart carries strings; cfg_interval is "lo,hi" (or a JSON list). Pydantic coerces the rest.
+    if name == "cfg_interval":
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except ValueError:
+                return text
+        return [v.strip() for v in text.split(",")]
+    if value == "" and name != "prompt":
+        return None
+    return value
+
+
+async def parse_body(request: Request, model: type[BaseModel], needs_image: bool) -> tuple[Any, bytes | None]:
+    """Returns (params, image bytes or None). 415 for other body types, 422 for bad fields."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    image: bytes | None = None
+    if ctype == "application/json":
+        try:
+            raw = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidInput("the body is not valid JSON") from exc
+        if not isinstance(raw, dict):
+            raise InvalidInput("the JSON body must be an object")
+        if needs_image:
+            b64 = raw.pop("image", None)
+            if not isinstance(b64, str) or not b64:
+                raise InvalidInput("image: a base64 string is required")
+            try:
+                image = base64.b64decode(
+                    b64.split(",", 1)[-1] if b64.startswith("data:") else b64, validate=True
+                )
+            except (binascii.Error, ValueError) as exc:
+                raise InvalidInput("image: not valid base64") from exc
+        fields = raw
+    elif ctype == "multipart/form-data":
+        fields, image = await _read_form(request, needs_image)
+    else:
+        raise UnsupportedMediaType("send application/json or multipart/form-data")
+    try:
+        return model.model_validate(fields), image
+    except ValidationError as exc:
+        raise InvalidInput(_validation_message(exc)) from exc
+
+
+async def _read_form(request: Request, needs_image: bool) -> tuple[dict[str, Any], bytes | None]:
+    try:
+        form = await request.form(max_files=1, max_fields=_MAX_FIELDS, max_part_size=256 * 1024)
+    except ServeError:
+        raise  # the streamed byte cap (413)
+    except Exception as exc:
+        raise BadRequest("the multipart body could not be parsed") from exc
+    try:
+        fields: dict[str, Any] = {}
+        image = None
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if name != "image":
+                    raise InvalidInput(f"{name}: unexpected file")
+                continue
+            fields[name] = _form_value(name, value)
+        upload = form.get("image")
+        if needs_image:
+            if not isinstance(upload, UploadFile):
+                raise InvalidInput("image: a file part is required")
+            check_declared_type(upload.content_type)
+            image = await upload.read()
+        elif upload is not None:
+            raise InvalidInput("image: not accepted by this endpoint")
+        return fields, image
+    finally:
+        await form.close()  # spooled upload files
+
+
+def check_limits(kind: str, p: JobParams, s: Settings) -> None:
+    """Limits that are settings, and task rules the schema cannot express (422)."""
+    if len(p.prompt) > s.max_prompt_chars:
+        raise InvalidInput(f"prompt: longer than {s.max_prompt_chars} characters")
+    if not p.prompt.strip():
+        raise InvalidInput("prompt: must not be blank")
+    if p.steps is not None and p.steps > s.max_steps:
+        raise InvalidInput(f"steps: at most {s.max_steps}")
+    if p.rounds > s.max_rounds:
+        raise InvalidInput(f"rounds: at most {s.max_rounds}")
+    for name in ("height", "width"):
+        value = getattr(p, name)
+        if value is not None and (value > s.max_output_side or value % s.output_size_multiple):
+            raise InvalidInput(f"{name}: a multiple of {s.output_size_multiple}, at most {s.max_output_side}")
+    if p.cfg_interval is not None and not 0.0 <= p.cfg_interval[0] <= p.cfg_interval[1] <= 1.0:
+        raise InvalidInput("cfg_interval: needs 0 <= lo <= hi <= 1")
+    if kind == "generate" and (p.rounds != 1 or p.until_score is not None):
+        raise InvalidInput("rounds and until_score apply to refine only")

@@ -1,0 +1,218 @@
+"""Redis Streams backend, worker side (blocking; runs on the worker's loop thread).
+
+At-least-once: a job stays in the group's pending list until the script that writes its result also
+acks it. Dead workers' jobs are reclaimed with XAUTOCLAIM once idle past `visibility_timeout_s`;
+running jobs are kept fresh by re-claiming them (JUSTID, no delivery counted) every heartbeat, so a
+long job is never mistaken for an abandoned one. Past `max_deliveries` a job is dead-lettered.
+A Redis outage stalls the worker (retries with backoff) instead of killing it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from server.queue.base import Delivery, WorkerStats
+from server.queue.redis_api import decode_hash
+from server.queue.redis_keys import DEAD_LETTER, FINISH, GROUP, HAND_BACK, PUBLISH, Keys
+from server.schemas import JobMessage
+from server.settings import Settings
+
+log = logging.getLogger("rvr.queue")
+T = TypeVar("T")
+_OUTAGE_LIMIT_S = 120.0  # a Redis gone longer than this is fatal: exit and let the pod restart
+
+
+class RedisWorkerQueue:
+    name = "redis"
+    durable = True
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.k = Keys(settings.key_prefix)
+        self.me = settings.worker_name
+        block_s = settings.queue_poll_ms / 1000
+        self.r = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=block_s + 10, socket_connect_timeout=2
+        )
+        self._publish = self.r.register_script(PUBLISH)
+        self._finish = self.r.register_script(FINISH)
+        self._hand_back = self.r.register_script(HAND_BACK)
+        self._dead = self.r.register_script(DEAD_LETTER)
+        self._backlog: list[Delivery] = []  # reclaimed or own pending entries, taken before new ones
+        self._retry(self._ensure_group)
+        self._recover_own()
+
+    # ---- plumbing ----
+    def _retry(self, fn: Callable[[], T]) -> T:
+        start, delay = time.monotonic(), 0.05
+        while True:
+            try:
+                return fn()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if time.monotonic() - start > _OUTAGE_LIMIT_S:
+                    raise
+                log.warning("redis unreachable (%s); retrying", exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self._ensure_group()  # the group was lost with Redis' data: recreate and retry
+
+    def _ensure_group(self) -> None:
+        try:
+            self.r.xgroup_create(self.k.stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _recover_own(self) -> None:
+        """A restarted worker (same stable name) first takes back what it held before."""
+        reply = self._retry(lambda: self.r.xreadgroup(GROUP, self.me, {self.k.stream: "0"}, count=1000))
+        for _s, entries in reply or []:
+            self._backlog += [d for d in (self._delivery(e, f, 2) for e, f in entries) if d]
+
+    def _delivery(self, entry: bytes, fields: dict | None, deliveries: int) -> Delivery | None:
+        entry_id = entry.decode()
+        if not fields:  # an entry deleted while pending: nothing to run
+            self._retry(lambda: self.r.xack(self.k.stream, GROUP, entry_id))
+            return None
+        try:
+            msg = JobMessage.model_validate_json(fields[b"msg"])
+        except (ValidationError, KeyError) as exc:
+            job_id = fields.get(b"id", b"?").decode()
+            self._dead_letter(entry_id, job_id, f"unreadable job message: {type(exc).__name__}", deliveries)
+            return None
+        return Delivery(msg=msg, ref=entry_id, deliveries=deliveries)
+
+    # ---- protocol ----
+    def take(self, n: int, block_s: float) -> list[Delivery]:
+        out, self._backlog = self._backlog[:n], self._backlog[n:]
+        if len(out) >= n:
+            return out
+        block = int(block_s * 1000) if block_s > 0 and not out else None
+        reply = self._retry(
+            lambda: self.r.xreadgroup(GROUP, self.me, {self.k.stream: ">"}, count=n - len(out), block=block)
+        )
+        for _s, entries in reply or []:
+            out += [d for d in (self._delivery(e, f, 1) for e, f in entries) if d]
+        return out
+
+    def input_image(self, job_id: str) -> bytes | None:
+        return self._retry(lambda: self.r.get(self.k.input(job_id)))
+
+    def record(self, job_id: str) -> dict[str, str] | None:
+        raw = self._retry(lambda: self.r.hgetall(self.k.job(job_id)))
+        return decode_hash(raw) if raw else None
+
+    def cancelled(self, job_ids: list[str]) -> set[str]:
+        flags = self._retry(lambda: self.r.mget([self.k.cancel(i) for i in job_ids]))
+        return {i for i, f in zip(job_ids, flags, strict=True) if f is not None}
+
+    def publish(self, job_id: str, etype: str, data: dict, fields: dict[str, str] | None = None) -> None:
+        self.publish_many([(job_id, etype, data, fields)])
+
+    def publish_many(self, items: list[tuple[str, str, dict, dict[str, str] | None]]) -> None:
+        def run() -> None:
+            pipe = self.r.pipeline(transaction=False)
+            for job_id, etype, data, fields in items:
+                flat = [x for kv in (fields or {}).items() for x in kv]
+                args = [etype, json.dumps(data), self.s.events_maxlen, self.s.result_ttl_s, *flat]
+                self._publish(keys=[self.k.job(job_id), self.k.events(job_id)], args=args, client=pipe)
+            pipe.execute()
+
+        self._retry(run)
+
+    def _end(self, d: Delivery, etype: str, data: dict, fields: dict[str, str], result: bytes | None) -> bool:
+        i = d.msg.id
+        keys = [
+            self.k.stream,
+            self.k.job(i),
+            self.k.events(i),
+            self.k.result(i),
+            self.k.input(i),
+            self.k.cancel(i),
+        ]
+        flat = [x for kv in fields.items() for x in kv]
+        args = [GROUP, d.ref, etype, json.dumps(data), self.s.events_maxlen, self.s.result_ttl_s]
+        args += [result or b"", "1" if result is not None else "0", *flat]
+        return bool(self._retry(lambda: self._finish(keys=keys, args=args)))
+
+    def complete(self, d: Delivery, result: bytes, data: dict, fields: dict[str, str]) -> bool:
+        return self._end(d, "completed", data, fields, result)
+
+    def terminate(self, d: Delivery, etype: str, data: dict, fields: dict[str, str]) -> None:
+        self._end(d, etype, data, fields, None)
+
+    def hand_back(self, d: Delivery) -> None:
+        keys = [self.k.stream, self.k.job(d.msg.id), self.k.events(d.msg.id)]
+        args = [GROUP, d.ref, d.msg.id, d.msg.model_dump_json(), self.s.events_maxlen]
+        self._retry(lambda: self._hand_back(keys=keys, args=args))
+
+    def refresh(self, deliveries: list[Delivery], stats: WorkerStats) -> None:
+        refs = [d.ref for d in deliveries + self._backlog]
+        now = time.time()
+        beat = json.dumps({"ts": now, "step_s": stats.step_s, "job_s": stats.job_s, "slots": stats.slots})
+
+        def run() -> None:
+            pipe = self.r.pipeline(transaction=False)
+            if refs:
+                # Reset idle time of what this worker holds, without counting a delivery.
+                pipe.xclaim(self.k.stream, GROUP, self.me, 0, refs, justid=True)
+            pipe.hset(self.k.workers, self.me, beat)
+            pipe.execute()
+
+        self._retry(run)
+
+    def reap(self) -> tuple[int, int]:
+        """XAUTOCLAIM entries idle past the visibility timeout, looping the cursor to 0-0."""
+        if self._backlog:
+            return 0, 0  # still working through earlier reclaims
+        reclaimed = dead = 0
+        cursor = "0-0"
+        idle_ms = int(self.s.visibility_timeout_s * 1000)
+        while True:
+            reply = self._retry(
+                lambda c=cursor: self.r.xautoclaim(
+                    self.k.stream, GROUP, self.me, idle_ms, start_id=c, count=self.s.max_batch_jobs
+                )
+            )
+            cursor = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+            for entry, fields in reply[1]:
+                entry_id = entry.decode()
+                info = self._retry(lambda e=entry_id: self.r.xpending_range(self.k.stream, GROUP, e, e, 1))
+                deliveries = int(info[0]["times_delivered"]) if info else self.s.max_deliveries + 1
+                if deliveries > self.s.max_deliveries:
+                    job_id = (fields or {}).get(b"id", b"?").decode()
+                    self._dead_letter(entry_id, job_id, "delivery cap reached", deliveries)
+                    dead += 1
+                    continue
+                d = self._delivery(entry, fields, deliveries)
+                if d is not None:
+                    self._backlog.append(d)
+                    reclaimed += 1
+            if cursor == "0-0" or self._backlog:
+                break
+        if reclaimed or dead:
+            log.warning("reclaimed %d job(s), dead-lettered %d", reclaimed, dead)
+        return reclaimed, dead
+
+    def _dead_letter(self, entry_id: str, job_id: str, reason: str, deliveries: int) -> None:
+        keys = [self.k.stream, self.k.dead, self.k.job(job_id), self.k.events(job_id)]
+        message = f"the job failed {deliveries - 1} time(s) on its worker ({reason})"
+        args = [GROUP, entry_id, job_id, reason, deliveries, self.s.events_maxlen, self.s.result_ttl_s]
+        args += [repr(time.time()), self.s.dead_letter_maxlen, message]
+        self._retry(lambda: self._dead(keys=keys, args=args))
+
+    def close(self) -> None:
+        self.r.close()

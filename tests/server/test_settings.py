@@ -1,0 +1,55 @@
+"""One settings object: env vars, CLI flags (flags win), validators, the generated README table."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from pydantic import ValidationError
+
+from server.cli import build_parser
+from server.settings import Settings, settings_from_args, settings_table_markdown
+
+
+def test_env_then_flags(monkeypatch):
+    monkeypatch.setenv("RVR_MAX_QUEUE_DEPTH", "7")
+    monkeypatch.setenv("RVR_PORT", "9001")
+    monkeypatch.setenv("RVR_API_KEYS", "k1-long-secret,k2-long-secret")
+    args = build_parser().parse_args(
+        ["serve", "--port", "9002", "--no-warmup", "--redis-url", "redis://h:1/0"]
+    )
+    s = settings_from_args(args)
+    assert s.max_queue_depth == 7 and s.port == 9002 and s.warmup is False
+    assert s.backend == "redis" and s.api_keys == ["k1-long-secret", "k2-long-secret"]
+    assert hashlib.sha256(b"k1-long-secret").digest() in s.key_digests()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"api_keys": ["changethis"]},
+        {"api_key_sha256": ["abc"]},
+        {"retry_after_min_s": 10, "retry_after_max_s": 5},
+        {"redis_url": "http://example"},
+        {"max_batch_jobs": 0},
+        {"queue_poll_ms": 700000},
+    ],
+)
+def test_bad_combinations_refused(bad):
+    with pytest.raises(ValidationError):
+        Settings(**bad)
+
+
+def test_table_lists_every_setting():
+    table = settings_table_markdown()
+    for name in Settings.model_fields:
+        assert f"`RVR_{name.upper()}`" in table and f"`--{name.replace('_', '-')}`" in table
+    assert "| `--max-queue-depth` | `RVR_MAX_QUEUE_DEPTH` | `64` |" in table
+
+
+def test_every_setting_is_a_flag_of_both_commands():
+    parser = build_parser()
+    for cmd in ("serve", "worker"):
+        args = parser.parse_args([cmd, "--max-batch-jobs", "3", "--model", "/m", "--device", "cpu"])
+        s = settings_from_args(args)
+        assert (s.max_batch_jobs, s.model, s.device) == (3, "/m", "cpu")
