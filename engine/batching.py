@@ -61,6 +61,14 @@ def _params(task: str, overrides: dict) -> SamplingParams:
         raise InvalidRequestError(f"unknown sampling parameter: {exc}") from None
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """What one `step` packed: CFG-branch sequences and query rows, over all weight sets."""
+
+    sequences: int
+    rows: int
+
+
 @dataclass
 class WeightSet:
     """One resident set of BAGEL weights with its own KV pool (KV rows are only valid for their weights)."""
@@ -169,6 +177,7 @@ class Engine:
         # Per weight set, an optional `fn(state, branch) -> (N, C) velocity` that replaces the packed denoise
         # forward (compiled one-branch modules, e.g. TensorRT engines); prefill always stays packed.
         self.branch_steps: dict[str, BranchStepFn] = {}
+        self.last_step = StepStats(0, 0)
 
     # ------------------------------------------------------------------ public API
 
@@ -225,11 +234,15 @@ class Engine:
 
     @torch.inference_mode()
     def step(self, states: list[RequestState]) -> list[StepEvent]:
-        """Advance every unfinished state by one denoising step (one packed forward per weight set)."""
+        """Advance every unfinished state by one denoising step (one packed forward per weight set).
+
+        `last_step` then holds how many sequences (CFG branches) and query rows the step computed.
+        """
         active = [s for s in states if not s.done and not s.released]
         groups: dict[str, list[RequestState]] = {}
         for s in active:
             groups.setdefault(s.weights.name, []).append(s)
+        self.last_step = StepStats(0, 0)
         for name, members in groups.items():
             self._denoise_step(self.weight_sets[name], members)
         return [
@@ -548,6 +561,10 @@ class Engine:
                 + (["cfg_img"] if g.use_img_branch else [])
             )
             plans.append((s, t, g, branches))
+            self.last_step = StepStats(
+                self.last_step.sequences + len(branches),
+                self.last_step.rows + len(branches) * (s.x.shape[0] + 2),
+            )
         t0 = time.perf_counter()
         branch_step = self.branch_steps.get(ws.name)
         if branch_step is None:

@@ -35,13 +35,18 @@ class Metrics:
             "rvr_time_to_first_preview_seconds", "Submit to first preview", buckets=_LATENCY, registry=r
         )
         self.running = Gauge("rvr_inflight_jobs", "Jobs in this worker's running batch", registry=r)
+        # Labelled by packed sequences (CFG branches of all jobs): bounded by 3 x max_batch_jobs.
         self.step_seconds = Histogram(
-            "rvr_step_seconds", "One packed denoising step", ["rows"], buckets=(*_FAST, 10, 30), registry=r
+            "rvr_step_seconds",
+            "One packed denoising step, by packed sequences",
+            ["sequences"],
+            buckets=(*_FAST, 10, 30),
+            registry=r,
         )
         self.step_rows = Histogram(
             "rvr_step_batch_rows",
-            "Jobs packed per step",
-            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            "Query rows (latent and marker tokens of every branch) packed per step",
+            buckets=(16, 64, 256, 1024, 4096, 8192, 16384, 32768, 65536, 131072),
             registry=r,
         )
         self.prefill_seconds = Histogram(

@@ -342,8 +342,9 @@ class Worker:
         dt = time.perf_counter() - t0
         self._step_s.add(dt)
         if self.m:
-            self.m.step_seconds.labels(rows=str(len(jobs))).observe(dt)
-            self.m.step_rows.observe(len(jobs))
+            packed = self.eng.last_step  # CFG-branch sequences and query rows of this forward
+            self.m.step_seconds.labels(sequences=str(packed.sequences)).observe(dt)
+            self.m.step_rows.observe(packed.rows)
         by_id = {e.request_id: e for e in events}
         progress, previews = [], []
         for job in jobs:
