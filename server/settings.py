@@ -26,6 +26,19 @@ class Settings(BaseSettings):
     model: str | None = Field(None, description="Checkpoint directory; unset: bundled demo or tiny model")
     device: str | None = Field(None, description="Torch device of the worker (cuda, cpu); unset: auto")
     dtype: str | None = Field(None, description="Weight dtype (bfloat16, float32); unset: engine default")
+    weights: Literal["auto", "both", "rvr", "ema"] = Field(
+        "auto", description="Weight files kept resident: auto/both (refine: rvr, others: ema), or one of them"
+    )
+    engine_backend: Literal["eager", "inductor", "tensorrt"] = Field(
+        "eager", description="Engine compile backend (torch.compile: inductor; TensorRT: tensorrt)"
+    )
+    attention: Literal["auto", "kernel", "reference"] = Field(
+        "auto", description="LLM attention: auto (Triton kernel on CUDA), kernel, or the PyTorch reference"
+    )
+    kv_capacity_tokens: int | None = Field(
+        None, ge=1, description="Fixed KV-pool size in tokens per weight set; unset: grows on demand"
+    )
+    max_prompt_tokens: int = Field(1024, ge=1, description="Longest prompt in tokens the engine accepts")
     host: str = Field("127.0.0.1", description="Address the HTTP server binds")
     port: int = Field(8000, ge=0, le=65535, description="Port of the API (rvr serve)")
     redis_url: str | None = Field(None, description="Redis URL; unset: in-process queue, API + worker in one")

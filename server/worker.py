@@ -95,8 +95,19 @@ class Worker:
         """Load the engine (unless given) and warm it up; sets `ready`."""
         if self.eng is None:
             from engine import load_engine
+            from engine.requests import RequestLimits
 
-            self.eng = load_engine(self.s.model, device=self.s.device, dtype=self.s.dtype)
+            s = self.s
+            self.eng = load_engine(
+                s.model,
+                device=s.device,
+                dtype=s.dtype,
+                weights=s.weights,
+                attention=s.attention,
+                backend=s.engine_backend,
+                kv_capacity=s.kv_capacity_tokens,
+                limits=RequestLimits(max_prompt_tokens=s.max_prompt_tokens, max_rounds=s.max_rounds),
+            )
         if self.s.warmup:
             self._warmup()
         self.ready.set()
