@@ -1,0 +1,36 @@
+"""README stays true: its settings table is the generated one, and every `rvr` command it shows exists
+with the flags it uses."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from server.cli import build_parser
+from server.settings import settings_table_markdown
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def test_settings_table_is_current():
+    assert settings_table_markdown().strip() in README
+
+
+def _rvr_lines() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    lines = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("rvr "):
+                lines.append(line)
+    return lines
+
+
+@pytest.mark.parametrize("line", _rvr_lines())
+def test_readme_commands_parse(line):
+    argv = shlex.split(line.replace('"$POD_NAME"', "pod-0").replace("[--model DIR]", ""))[1:]
+    build_parser().parse_args(argv)  # argparse exits (SystemExit) on an unknown command or flag
