@@ -45,6 +45,19 @@ class Capabilities:
     artifacts: bool  # builds on-disk artifacts under an ArtifactKey
 
 
+# The packed PyTorch forward (eager or torch.compile'd blocks): any dtype, device and shape, all branches
+# of all requests in one call.
+PYTORCH_CAPABILITIES = Capabilities(
+    dtypes=("float32", "bfloat16", "float16"),
+    devices=("cpu", "cuda"),
+    max_n=None,
+    max_p=None,
+    cfg_batching=True,
+    varlen=True,
+    artifacts=False,
+)
+
+
 class Backend(ABC):
     name: ClassVar[str]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from engine.backends.base import Backend, Capabilities
+from engine.backends.base import PYTORCH_CAPABILITIES, Backend, Capabilities
 
 if TYPE_CHECKING:
     from engine.batching import Engine
@@ -14,15 +14,7 @@ class EagerBackend(Backend):
     name = "eager"
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(
-            dtypes=("float32", "bfloat16", "float16"),
-            devices=("cpu", "cuda"),
-            max_n=None,
-            max_p=None,
-            cfg_batching=True,
-            varlen=True,
-            artifacts=False,
-        )
+        return PYTORCH_CAPABILITIES
 
     def apply(self, engine: Engine) -> None:
         """Nothing to do: every other backend is checked against this one."""

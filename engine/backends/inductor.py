@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.backends.base import Backend, Capabilities
+from engine.backends.base import PYTORCH_CAPABILITIES, Backend, Capabilities
 
 if TYPE_CHECKING:
     from engine.batching import Engine
@@ -49,15 +49,7 @@ class InductorBackend(Backend):
         self.mode, self.fullgraph, self.dynamic, self.cudagraphs = mode, fullgraph, dynamic, cudagraphs
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(
-            dtypes=("float32", "bfloat16", "float16"),
-            devices=("cpu", "cuda"),
-            max_n=None,
-            max_p=None,
-            cfg_batching=True,
-            varlen=True,
-            artifacts=False,
-        )
+        return PYTORCH_CAPABILITIES
 
     def compile_options(self) -> dict[str, Any]:
         """Keyword arguments for torch.compile (mode and options are mutually exclusive there)."""
