@@ -17,8 +17,15 @@ from server.settings import Settings, add_cli_flags, settings_from_args, setting
 log = logging.getLogger("rvr.cli")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (`rvr refine: error: ...`) with exit status 2; `--help` shows usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rvr", description="rvr-serve: RvR refinement service and tools")
+    parser = _Parser(prog="rvr", description="rvr-serve: RvR refinement service and tools")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="HTTP API (with the in-process queue it also runs the worker)")
     add_cli_flags(serve)

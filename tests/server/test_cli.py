@@ -68,3 +68,14 @@ def test_rvr_settings_command_prints_the_table():
         check=True,
     )
     assert out.stdout.startswith("| Flag | Environment | Default | Meaning |")
+
+
+@pytest.mark.parametrize("argv", [["refine", "--steps", "abc"], ["nope"], ["serve", "--port", "x"]])
+def test_usage_error_is_one_line(argv, capsys):
+    from server.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rvr") and ": error: " in err
