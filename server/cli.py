@@ -48,11 +48,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "settings":
         sys.stdout.write(settings_table_markdown())
         return 0
-    if args.command == "serve":
-        return serve(settings_from_args(args))
-    if args.command == "worker":
-        return run_worker(settings_from_args(args))
+    if args.command in ("serve", "worker"):
+        try:
+            settings = settings_from_args(args)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            print(f"rvr {args.command}: error: invalid settings: {_settings_problems(exc)}", file=sys.stderr)
+            return 2
+        return serve(settings) if args.command == "serve" else run_worker(settings)
     return int(args.engine_cli.run(args))
+
+
+def _settings_problems(exc: ValueError) -> str:
+    """pydantic errors as `field: message; ...` (one line); other ValueErrors as their text."""
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        return str(exc)
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in errors())
 
 
 def _draining_server(config: Any, app: Any, drain_delay_s: float) -> Any:

@@ -70,7 +70,7 @@ def test_rvr_settings_command_prints_the_table():
     assert out.stdout.startswith("| Flag | Environment | Default | Meaning |")
 
 
-@pytest.mark.parametrize("argv", [["refine", "--steps", "abc"], ["nope"], ["serve", "--port", "x"]])
+@pytest.mark.parametrize("argv", [["refine", "--steps", "abc"], ["nope"]])
 def test_usage_error_is_one_line(argv, capsys):
     from server.cli import build_parser
 
@@ -79,3 +79,15 @@ def test_usage_error_is_one_line(argv, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("rvr") and ": error: " in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["serve", "--port", "x"], ["worker", "--max-queue-depth", "-3"], ["serve", "--api-keys", "changeme"]],
+)
+def test_invalid_settings_are_one_line(argv, capsys):
+    from server.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"rvr {argv[0]}: error: invalid settings: ")
