@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    from engine import cli as engine_cli  # stdlib-only at import
+
+    if argv and argv[0] in engine_cli.PASSTHROUGH:
+        return engine_cli.run_passthrough(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "settings":
         sys.stdout.write(settings_table_markdown())

@@ -195,3 +195,12 @@ def test_bad_input_subprocess(cli_ckpt, tmp_path):
     assert "junk.png" in _one_error_line(r.stderr)
     assert r.stdout == ""
     assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_passthrough_commands(command, capsys):
+    from server.cli import main as rvr_main
+
+    assert rvr_main([command, "--help"]) == 0
+    assert f"usage: rvr {command}" in capsys.readouterr().out
+    assert rvr_main([command, "--no-such-flag"]) == 2

@@ -1,0 +1,189 @@
+"""Mini-GenEval on held-out prompts of the synthetic world, scored by the pixel-only checker.
+
+Modes, per prompt and seed (all images at the world's size):
+- `t2i`          the model's text-to-image sample (seed s);
+- `t2i_reroll`   a fresh sample with a new seed (s + 1_000_003): the no-refinement control that costs one
+                 more generation, like one RvR round;
+- `rvr1`/`rvr2`  RvR regeneration of the `t2i` image, one and two rounds (each output fed back);
+- `rvr_until`    the judge looks at the `t2i` image; if it rejects it (p(yes) < threshold), RvR rounds run
+                 until the judge accepts, at most `max_rounds`.
+Scores follow GenEval: the fraction of prompts whose image the checker accepts, per category, and the
+mean over categories. The judge's agreement with the checker on the `t2i` images is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.preprocess import tensor_to_pil, to_tensor
+from engine.train.checker import check
+from engine.train.dataset import read_records
+from engine.train.prompts import PromptSpec, sample_scene
+from engine.train.world import DEFAULT_SIZE, render
+from engine.types import GenerationRequest, SamplingParams
+
+MODES = ("t2i", "t2i_reroll", "rvr1", "rvr2", "rvr_until")
+REROLL_OFFSET = 1_000_003
+
+
+def load_heldout(data_root: str | Path) -> list[PromptSpec]:
+    return [PromptSpec.from_json(r["spec"]) for r in read_records(Path(data_root) / "eval/heldout.jsonl")]
+
+
+def mini_geneval(
+    engine,
+    specs: Sequence[PromptSpec],
+    seeds: Sequence[int] = (0,),
+    size: int = DEFAULT_SIZE,
+    modes: Sequence[str] = MODES,
+    judge_threshold: float = 0.5,
+    max_rounds: int = 3,
+    generate_params: dict | None = None,
+    refine_params: dict | None = None,
+    save_dir: str | Path | None = None,
+) -> dict:
+    """Run every mode on every (prompt, seed); returns scores and per-sample records."""
+    gp, rp = generate_params or {}, refine_params or {}
+    rows = []
+    for i, spec in enumerate(specs):
+        for seed in seeds:
+            prompt = spec.text
+            imgs: dict[str, Image.Image] = {}
+            t2i = engine.generate(prompt, size, size, seed=seed, **gp).image
+            imgs["t2i"] = t2i
+            if "t2i_reroll" in modes:
+                imgs["t2i_reroll"] = engine.generate(
+                    prompt, size, size, seed=seed + REROLL_OFFSET, **gp
+                ).image
+            if "rvr1" in modes or "rvr2" in modes:
+                req = GenerationRequest(
+                    "refine", prompt, t2i, SamplingParams.for_task("refine", **rp), seed, size, size, rounds=2
+                )
+                outs = engine.run(req)
+                imgs["rvr1"], imgs["rvr2"] = outs[0].image, outs[-1].image
+            p_yes = engine.judge([(t2i, prompt)])[0]
+            rounds_used = 0
+            if "rvr_until" in modes:
+                if p_yes >= judge_threshold:
+                    imgs["rvr_until"] = t2i
+                else:
+                    outs = engine.refine(
+                        t2i, prompt, rounds=max_rounds, until_score=judge_threshold, seed=seed, **rp
+                    )
+                    imgs["rvr_until"] = outs.image
+                    rounds_used = outs.round_index
+            verdict = {m: check(imgs[m], spec)["overall"] for m in modes if m in imgs}
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "category": spec.category,
+                    "seed": seed,
+                    "judge_p_yes": p_yes,
+                    "rounds_until": rounds_used,
+                    **{f"ok_{m}": v for m, v in verdict.items()},
+                }
+            )
+            if save_dir is not None:
+                d = Path(save_dir) / f"{i:04d}_{seed}"
+                d.mkdir(parents=True, exist_ok=True)
+                for m, im in imgs.items():
+                    im.save(d / f"{m}.png")
+    return summarize(rows, modes, judge_threshold)
+
+
+@torch.no_grad()
+def autoencoder_ceiling(vae, specs: Sequence[PromptSpec], seed: int = 0, size: int = DEFAULT_SIZE) -> dict:
+    """Checker score of autoencoder round trips of aligned renders of `specs`: the best any generator that
+    decodes through this autoencoder can score, per category and averaged over categories."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for spec in specs:
+        img = render(sample_scene(spec, rng), size, rng, jitter=1.0)
+        w = next(vae.parameters())
+        rec = tensor_to_pil(
+            vae.decode(vae.encode(to_tensor(img)[None].to(w.device, w.dtype)))[0].float().cpu()
+        )
+        rows.append(
+            {
+                "category": spec.category,
+                "judge_p_yes": 1.0,
+                "rounds_until": 0,
+                "ok_ae": check(rec, spec)["overall"],
+            }
+        )
+    s = summarize(rows, ("ae",))
+    return {
+        "mean_over_categories": s["mean_over_categories"]["ae"],
+        "per_category": {c: v["ae"] for c, v in s["per_category"].items()},
+    }
+
+
+def summarize(rows: list[dict], modes: Sequence[str], judge_threshold: float = 0.5) -> dict:
+    by_cat: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        for m in modes:
+            if f"ok_{m}" in r:
+                by_cat[r["category"]][m].append(r[f"ok_{m}"])
+    per_cat = {c: {m: sum(v) / len(v) for m, v in ms.items()} for c, ms in sorted(by_cat.items())}
+    mean = {m: sum(per_cat[c][m] for c in per_cat if m in per_cat[c]) / max(1, len(per_cat)) for m in modes}
+    judge_agree = [(r["judge_p_yes"] >= judge_threshold) == r["ok_t2i"] for r in rows if "ok_t2i" in r]
+    return {
+        "n": len(rows),
+        "mean_over_categories": mean,
+        "per_category": per_cat,
+        "judge_agreement_with_checker": sum(judge_agree) / len(judge_agree) if judge_agree else None,
+        "mean_rounds_until": sum(r["rounds_until"] for r in rows) / max(1, len(rows)),
+        "rows": rows,
+    }
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"mini-GenEval: {s['n']} (prompt, seed) pairs; score = checker accepts"]
+    modes = list(s["mean_over_categories"])
+    lines.append("  " + f"{'category':<14}" + "".join(f"{m:>12}" for m in modes))
+    for c, ms in s["per_category"].items():
+        lines.append("  " + f"{c:<14}" + "".join(f"{ms.get(m, float('nan')):>12.3f}" for m in modes))
+    lines.append("  " + f"{'mean':<14}" + "".join(f"{s['mean_over_categories'][m]:>12.3f}" for m in modes))
+    if s["judge_agreement_with_checker"] is not None:
+        lines.append(f"  judge agrees with checker on t2i images: {s['judge_agreement_with_checker']:.3f}")
+    lines.append(f"  mean RvR rounds in rvr_until: {s['mean_rounds_until']:.2f}")
+    if "autoencoder_ceiling" in s:
+        lines.append(
+            f"  autoencoder round-trip ceiling: {s['autoencoder_ceiling']['mean_over_categories']:.3f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from engine.loading import load_engine
+
+    ap = argparse.ArgumentParser(description="Mini-GenEval on the held-out prompts of a world dataset.")
+    ap.add_argument("--model", required=True, help="checkpoint directory")
+    ap.add_argument("--data", required=True, help="world dataset root (holds eval/heldout.jsonl)")
+    ap.add_argument("--limit", type=int, default=None, help="first N held-out prompts")
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the engine's)")
+    ap.add_argument("--save-dir", default=None)
+    ap.add_argument("--json", default=None, help="write the full summary here")
+    a = ap.parse_args(argv)
+    engine = load_engine(a.model, device="cpu", dtype="float32")
+    specs = load_heldout(a.data)[: a.limit]
+    params = {"steps": a.steps} if a.steps else {}
+    s = mini_geneval(
+        engine, specs, range(a.seeds), generate_params=params, refine_params=params, save_dir=a.save_dir
+    )
+    print(format_summary(s))
+    if a.json:
+        Path(a.json).write_text(json.dumps(s, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""The staged world run, reproducible from one command with fixed seeds:
+
+    python -m engine.train.runs --out runs/world --profile demo
+
+1. data     world dataset (refine pairs, T2I targets, judge samples, held-out prompts);
+2. ae       small FLUX-architecture autoencoder on world renders;
+3. init     tokenizer trained on the training prompts and fixed strings, random unified model
+            (`llm2vae` zero-initialised as in BAGEL training), written as an engine checkpoint;
+4. t2i      text-to-image stage                      -> ema.safetensors
+5. judge    yes/no alignment judge (+ T2I replay)    -> ema.safetensors
+6. rvr      RvR fine-tune, rvr:und:t2i = 2:1:1      -> rvr.safetensors (the base ema is kept)
+7. export   the final checkpoint with bfloat16 weights (both weight files) into --out/model, the one to ship;
+8. eval     mini-GenEval of the exported model on the held-out prompts.
+
+Each stage writes into its own directory under --out and is skipped when its output exists, so an
+interrupted run resumes (training stages also resume mid-stage from their `train_state`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.checkpoint import WEIGHT_FILES, save_checkpoint
+from engine.config import BagelConfig, ImageTransform, VAEConfig
+from engine.loading import load_engine
+from engine.model.bagel import Bagel
+from engine.prompts import JUDGE_QUESTION, REFINE_PROMPT, REFINE_SYSTEM_PROMPT, REFINE_SYSTEM_PROMPT_TRAIN
+from engine.tiny import preset
+from engine.tokenizer import Tokenizer, write_tiny_tokenizer
+from engine.train.autoencoder import AETrainConfig, train_autoencoder
+from engine.train.dataset import build_world_dataset, read_records
+from engine.train.evaluate import autoencoder_ceiling, format_summary, load_heldout, mini_geneval
+from engine.train.trainer import TOKENIZER_FILES, TrainConfig, train
+
+STAGES = ("data", "ae", "init", "t2i", "judge", "rvr", "export", "eval")
+SHIP_FILES = ("config.json", "llm_config.json", "vit_config.json", *TOKENIZER_FILES)
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    n_prompts: int = 3000
+    image_size: int = 64
+    model_preset: str = "small"
+    vae: VAEConfig = field(
+        default_factory=lambda: VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=4)
+    )
+    ae: AETrainConfig = field(default_factory=AETrainConfig)
+    stages: dict[str, TrainConfig] = field(default_factory=dict)
+    eval_limit: int | None = None
+    eval_steps: int = 25
+    threads: int = 1
+
+
+def _stage_cfgs(steps: tuple[int, int, int], max_rows: int, seed: int) -> dict[str, TrainConfig]:
+    common = dict(
+        lr=1e-3,
+        warmup_steps=100,
+        ema_decay=0.999,
+        ema_warmup=True,
+        max_rows=max_rows,
+        seed=seed,
+        save_every=500,
+    )
+    t2i, judge, rvr = steps
+    return {
+        "t2i": TrainConfig(steps=t2i, mixture={"t2i": 1.0}, init_weights="ema", weights_name="ema", **common),
+        "judge": TrainConfig(
+            steps=judge, mixture={"und": 3.0, "t2i": 1.0}, init_weights="ema", weights_name="ema", **common
+        ),
+        # The demo adds 10 % prompt / image dropout on refine samples (the release has none) so that the
+        # engine's cfg_text [SYS][ViT] and cfg_img [SYS][PROMPT] branches are in distribution for a small model.
+        "rvr": TrainConfig(
+            steps=rvr,
+            mixture={"rvr": 2.0, "und": 1.0, "t2i": 1.0},
+            init_weights="ema",
+            weights_name="rvr",
+            refine_prompt_dropout=0.1,
+            refine_image_dropout=0.1,
+            **common,
+        ),
+    }
+
+
+PROFILES = {
+    # seconds: the whole pipeline on a handful of prompts (tests)
+    "smoke": lambda: RunConfig(
+        n_prompts=16,
+        model_preset="tiny",
+        ae=AETrainConfig(steps=2, batch_size=2),
+        stages=_stage_cfgs((2, 2, 2), 300, 0),
+        eval_limit=2,
+        eval_steps=3,
+    ),
+    # about an hour on one share of two busy CPU cores (single thread)
+    "demo": lambda: RunConfig(
+        n_prompts=2000,
+        model_preset="mini",
+        vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=8),
+        ae=AETrainConfig(steps=1200, batch_size=8, lr=2e-3),
+        stages=_stage_cfgs((4000, 600, 800), 800, 0),
+        eval_limit=None,
+        eval_steps=20,
+    ),
+}
+
+
+def model_config(name: str, vocab_size: int) -> BagelConfig:
+    """`mini` (this module's demo size: 128-wide, 4-layer LLM, 3-layer 64-wide ViT) or an engine preset."""
+    if name != "mini":
+        return preset(name, vocab_size=vocab_size)
+    small = preset("small", vocab_size=vocab_size)
+    return replace(
+        small,
+        llm=replace(small.llm, hidden_size=128, intermediate_size=256, num_hidden_layers=4),
+        vit=replace(small.vit, hidden_size=64, intermediate_size=128, num_hidden_layers=3),
+    )
+
+
+def tokenizer_corpus(prompts: list[str]) -> list[str]:
+    fixed = [REFINE_SYSTEM_PROMPT, REFINE_SYSTEM_PROMPT_TRAIN, REFINE_PROMPT, JUDGE_QUESTION, "Yes", "No"]
+    return (
+        fixed
+        + [JUDGE_QUESTION.format(prompt=p) for p in prompts]
+        + [REFINE_PROMPT.format(user_prompt=p) for p in prompts]
+    )
+
+
+def init_checkpoint(out: Path, run: RunConfig, ae_dir: Path, prompts: list[str]) -> Path:
+    """Tokenizer + random unified model + the trained autoencoder, as an engine checkpoint (ema only)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_tiny_tokenizer(out, tokenizer_corpus(prompts))
+    vocab = -(-Tokenizer.from_dir(out).vocab_size // 64) * 64  # padded like Qwen2's embedding
+    ae_meta = json.loads((ae_dir / "vae.json").read_text())
+    vae_cfg = VAEConfig(**{**ae_meta, "ch_mult": tuple(ae_meta["ch_mult"])})
+    s = run.image_size
+    cfg = replace(
+        model_config(run.model_preset, vocab),
+        vae=vae_cfg,
+        # the world's images keep their size through both rules (64 px -> 64 for the VAE, 70 for the ViT)
+        vae_transform=ImageTransform(2 * s, s, 16, max_pixels=4 * s * s),
+    )
+    torch.manual_seed(run.seed)
+    model = Bagel(cfg)
+    torch.nn.init.zeros_(model.llm2vae.weight)  # BAGEL initialises llm2vae to zero for training
+    torch.nn.init.zeros_(model.llm2vae.bias)
+    save_checkpoint(
+        out, cfg, {"ema": model.state_dict()}, load_file(str(ae_dir / "ae.safetensors")), torch.float32
+    )
+    return out
+
+
+def export_checkpoint(src: Path, dst: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Copy an engine checkpoint without its train state, weight files cast to `dtype` (the VAE stays float32)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in SHIP_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+    shutil.copyfile(src / "ae.safetensors", dst / "ae.safetensors")
+    for name in WEIGHT_FILES.values():
+        if (src / name).is_file():
+            state = load_file(str(src / name))
+            save_file(
+                {k: v.to(dtype).contiguous() for k, v in state.items()},
+                str(dst / name),
+                metadata={"format": "pt"},
+            )
+    return dst
+
+
+def _records(data: Path) -> dict[str, list[dict]]:
+    return {
+        "rvr": read_records(data / "rvr/json/parquet_info.json"),
+        "t2i": read_records(data / "t2i/data/t2i.parquet"),
+        "und": read_records(data / "und/und.jsonl"),
+    }
+
+
+def run_all(out: str | Path, run: RunConfig, stages: tuple[str, ...] = STAGES, progress: bool = True) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(run.threads)
+    report_path = out / "run_report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report["config"] = json.loads(json.dumps(asdict(run), default=str))
+    data, ae_dir, init = out / "data", out / "ae", out / "init"
+
+    def done(stage: str, **info) -> None:
+        report.setdefault("stages", {})[stage] = info
+        report_path.write_text(json.dumps(report, indent=2))
+
+    if "data" in stages and not (data / "stats.json").is_file():
+        t0 = time.time()
+        stats = build_world_dataset(data, run.n_prompts, run.seed, run.image_size)
+        done("data", seconds=time.time() - t0, **stats)
+    if "ae" in stages and not (ae_dir / "ae.safetensors").is_file():
+        t0 = time.time()
+        ae, hist = train_autoencoder(
+            run.vae, replace(run.ae, image_size=run.image_size, seed=run.seed), progress
+        )
+        ae_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, str(ae_dir / "ae.safetensors"))
+        (ae_dir / "vae.json").write_text(json.dumps(asdict(ae.cfg)))
+        done("ae", seconds=time.time() - t0, first_rec=hist[0], last_rec=sum(hist[-20:]) / len(hist[-20:]))
+    if "init" in stages and not (init / "ema.safetensors").is_file():
+        prompts = [r["user_prompt"][0] for r in read_records(data / "t2i/data/t2i.parquet")]
+        init_checkpoint(init, run, ae_dir, prompts)
+        done("init")
+    prev = init
+    records = None
+    for stage in ("t2i", "judge", "rvr"):
+        cfg = run.stages[stage]
+        stage_dir = out / stage
+        if stage in stages:
+            state = stage_dir / "train_state" / "state.json"
+            if not state.is_file() or json.loads(state.read_text())["step"] < cfg.steps:
+                records = records or _records(data)
+                t0 = time.time()
+                _, hist = train(prev, data, records, stage_dir, cfg, progress=progress)
+                if hist:
+                    tail = hist[-20:]
+                    done(
+                        stage,
+                        seconds=time.time() - t0,
+                        steps=cfg.steps,
+                        first={k: hist[0][k] for k in ("loss", "mse", "ce")},
+                        last={k: sum(h[k] for h in tail) / len(tail) for k in ("loss", "mse", "ce")},
+                    )
+        prev = stage_dir
+    if "export" in stages:
+        prev = export_checkpoint(prev, out / "model")
+        size = sum(f.stat().st_size for f in prev.iterdir())
+        done("export", bytes=size, files=sorted(f.name for f in prev.iterdir()))
+    if "eval" in stages:
+        engine = load_engine(prev, device="cpu", dtype="float32")
+        specs = load_heldout(data)[: run.eval_limit]
+        params = {"steps": run.eval_steps}
+        t0 = time.time()
+        summary = mini_geneval(
+            engine, specs, (run.seed,), run.image_size, generate_params=params, refine_params=params
+        )
+        summary["autoencoder_ceiling"] = autoencoder_ceiling(engine.vae, specs, run.seed, run.image_size)
+        (out / "eval.json").write_text(json.dumps(summary, indent=2))
+        if progress:
+            print(format_summary(summary))
+        done("eval", seconds=time.time() - t0, **{k: v for k, v in summary.items() if k != "rows"})
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        description="Staged synthetic-world run: data, autoencoder, T2I, judge, RvR, eval."
+    )
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="demo")
+    ap.add_argument(
+        "--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}"
+    )
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    run = replace(PROFILES[a.profile](), threads=a.threads)
+    run_all(a.out, run, tuple(a.stages.split(",")))
+
+
+if __name__ == "__main__":
+    main()

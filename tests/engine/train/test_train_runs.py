@@ -1,0 +1,67 @@
+"""Autoencoder training, the staged run (data -> ae -> init -> t2i -> judge -> rvr -> export -> eval) and
+mini-GenEval scoring."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import VAEConfig
+from engine.loading import load_engine
+from engine.train.autoencoder import AETrainConfig, ae_losses, train_autoencoder, world_batch
+from engine.train.evaluate import MODES, summarize
+from engine.train.runs import PROFILES, run_all
+
+SMALL_VAE = VAEConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=4)
+
+
+def test_autoencoder_steps_lower_reconstruction_and_standardise_latents():
+    torch.manual_seed(0)
+    ae, hist = train_autoencoder(
+        SMALL_VAE,
+        AETrainConfig(steps=4, batch_size=2, image_size=32, lr=2e-3, stats_images=8),
+        progress=False,
+    )
+    assert hist[-1] < hist[0]
+    x = world_batch(np.random.default_rng(1), 4, 32)
+    with torch.no_grad():
+        z = ae.encode(x)  # scaled latents
+        assert z.shape == (4, 4, 16, 16)
+        assert abs(float(z.mean())) < 0.5 and 0.5 < float(z.std()) < 2.0
+        assert torch.isfinite(ae_losses(ae, x, torch.Generator().manual_seed(0), 1e-6)[0])
+
+
+@pytest.mark.slow
+def test_staged_run_end_to_end_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    report = run_all(out, PROFILES["smoke"](), progress=False)
+    assert set(report["stages"]) == {"data", "ae", "init", "t2i", "judge", "rvr", "export", "eval"}
+    model = out / "model"
+    assert (model / "ema.safetensors").is_file() and (model / "rvr.safetensors").is_file()
+    assert report["stages"]["export"]["bytes"] < 25 * 2**20
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev["mean_over_categories"]) == set(MODES) and ev["n"] >= 1
+    engine = load_engine(model, device="cpu", dtype="float32")
+    assert (
+        0.0
+        <= engine.judge([(engine.generate("a red circle", 64, 64, seed=0, steps=2).image, "a red circle")])[0]
+        <= 1
+    )
+    # a second invocation finds every stage done and changes nothing
+    before = (out / "rvr" / "rvr.safetensors").stat().st_mtime_ns
+    run_all(out, PROFILES["smoke"](), stages=("data", "ae", "init", "t2i", "judge", "rvr"), progress=False)
+    assert (out / "rvr" / "rvr.safetensors").stat().st_mtime_ns == before
+
+
+def test_summary_is_mean_over_categories():
+    rows = [
+        {"category": "colors", "judge_p_yes": 0.9, "rounds_until": 0, "ok_t2i": True, "ok_rvr1": True},
+        {"category": "colors", "judge_p_yes": 0.2, "rounds_until": 1, "ok_t2i": False, "ok_rvr1": True},
+        {"category": "counting", "judge_p_yes": 0.1, "rounds_until": 3, "ok_t2i": False, "ok_rvr1": False},
+    ]
+    s = summarize(rows, ("t2i", "rvr1"))
+    assert s["per_category"]["colors"] == {"t2i": 0.5, "rvr1": 1.0}
+    assert s["mean_over_categories"] == {"t2i": 0.25, "rvr1": 0.5}
+    assert s["judge_agreement_with_checker"] == 1.0
+    assert s["mean_rounds_until"] == pytest.approx(4 / 3)
