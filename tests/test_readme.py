@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.cli import PASSTHROUGH, run_passthrough
 from server.cli import build_parser
 from server.settings import settings_table_markdown
 
@@ -31,6 +32,11 @@ def _rvr_lines() -> list[str]:
 
 
 @pytest.mark.parametrize("line", _rvr_lines())
-def test_readme_commands_parse(line):
+def test_readme_commands_parse(line, capsys):
     argv = shlex.split(line.replace('"$POD_NAME"', "pod-0").replace("[--model DIR]", ""))[1:]
+    if argv[0] in PASSTHROUGH:  # parsed by their own module: every flag shown must be in its --help
+        assert run_passthrough(argv[0], ["--help"]) == 0
+        usage = capsys.readouterr().out
+        assert all(a in usage for a in argv[1:] if a.startswith("--"))
+        return
     build_parser().parse_args(argv)  # argparse exits (SystemExit) on an unknown command or flag
