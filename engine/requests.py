@@ -93,15 +93,12 @@ def validate_request(
 
 def _output_size(req: GenerationRequest, cfg: BagelConfig, limits: RequestLimits) -> tuple[int, int]:
     stride, largest = cfg.latent_downsample, cfg.max_image_side
-    if req.height is None or req.width is None:
-        if req.image is not None:
-            w, h = resize_dims(*req.image.size, cfg.vae_transform)
-        else:
-            side = limits.default_generate_size or largest
-            h, w = req.height or side, req.width or side
-        h, w = (req.height or h), (req.width or w)
+    if req.image is not None:  # the input's VAE-rule size
+        default_w, default_h = resize_dims(*req.image.size, cfg.vae_transform)
     else:
-        h, w = req.height, req.width
+        default_h = default_w = limits.default_generate_size or largest
+    h = req.height if req.height is not None else default_h
+    w = req.width if req.width is not None else default_w
     for name, value in (("height", h), ("width", w)):
         if not isinstance(value, int) or value % stride or not stride <= value <= largest:
             raise InvalidRequestError(

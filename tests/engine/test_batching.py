@@ -280,6 +280,7 @@ def _bad_requests():
         "width negative": GenerationRequest("generate", "a cat", None, ok, height=32, width=-16),
         "too large": GenerationRequest("generate", "a cat", None, ok, height=32, width=144),
         "float size": GenerationRequest("generate", "a cat", None, ok, height=32.0, width=32),
+        "zero height, width unset": GenerationRequest("generate", "a cat", None, ok, height=0),
         "steps 1": GenerationRequest("refine", "a cat", img, p("refine", steps=1)),
         "steps float": GenerationRequest("refine", "a cat", img, p("refine", steps=4.5)),
         "cfg_text negative": GenerationRequest("refine", "a cat", img, p("refine", cfg_text=-1.0)),
