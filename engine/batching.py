@@ -39,6 +39,7 @@ from engine.requests import (
     ContextImage,
     RequestLimits,
     context_image,
+    context_token_counts,
     judge_context,
     task_contexts,
     validate_request,
@@ -205,7 +206,7 @@ class Engine:
 
     def kv_tokens(self, req: GenerationRequest) -> int:
         """KV slots plus query rows of all branches a (validated) request holds while it runs."""
-        plan = plan_contexts(self._contexts(req, self._context_image(req)))
+        plan = plan_contexts(self._contexts(req))  # sizes only: no pixel work at admission
         h, w = req.height // self.cfg.latent_downsample, req.width // self.cfg.latent_downsample
         return plan.total_slots + len(BRANCHES) * (h * w + 2)
 
@@ -429,12 +430,8 @@ class Engine:
     def _context_image(self, req: GenerationRequest) -> ContextImage | None:
         return context_image(req.image, self.cfg) if req.image is not None else None
 
-    def _contexts(self, req: GenerationRequest, image: ContextImage | None):
-        vit_tokens = image.vit_grid[0] * image.vit_grid[1] if image else 0
-        vae_tokens = 0
-        if image is not None:
-            d = self.cfg.latent_downsample
-            vae_tokens = (image.vae_image.height // d) * (image.vae_image.width // d)
+    def _contexts(self, req: GenerationRequest):
+        vit_tokens, vae_tokens = context_token_counts(req.image.size, self.cfg) if req.image else (0, 0)
         return task_contexts(req, self.tokenizer, vit_tokens, vae_tokens)
 
     def _new_state(
@@ -442,7 +439,7 @@ class Engine:
     ) -> tuple[RequestState, ContextImage | None, list[PrefillSequence]]:
         ws = self.weights_for(req.task)
         image = self._context_image(req)
-        plan = plan_contexts(self._contexts(req, image))
+        plan = plan_contexts(self._contexts(req))
         start = ws.pool.allocate(plan.total_slots)
         contexts = {
             name: ContextRange(start + c.offset, c.length, c.rope) for name, c in plan.contexts.items()

@@ -45,6 +45,14 @@ def context_image(img: Image.Image, cfg: BagelConfig) -> ContextImage:
     return ContextImage(vae_image, vit_image, grid)
 
 
+def context_token_counts(size: tuple[int, int], cfg: BagelConfig) -> tuple[int, int]:
+    """(ViT tokens, VAE latent tokens) of a context image of `size` (w, h), from the resize rules alone."""
+    vae_w, vae_h = resize_dims(*size, cfg.vae_transform)
+    vit_w, vit_h = resize_dims(vae_w, vae_h, cfg.vit_transform)
+    p, d = cfg.vit.patch_size, cfg.latent_downsample
+    return (vit_h // p) * (vit_w // p), (vae_h // d) * (vae_w // d)
+
+
 def validate_request(
     req: GenerationRequest, cfg: BagelConfig, tok: Tokenizer, limits: RequestLimits
 ) -> GenerationRequest:

@@ -430,3 +430,18 @@ def test_run_releases_kv_when_the_callback_raises(tiny_engine):
     with pytest.raises(KeyboardInterrupt):
         tiny_engine.run(_req("generate", "a boat", seed=1, size=(32, 32), steps=6), cancel)
     assert pool.used == before
+
+
+@pytest.mark.parametrize("size", [(1, 1), (17, 400), (333, 91), (128, 128), (511, 513)])
+@pytest.mark.parametrize("task", ["refine", "edit"])
+def test_kv_tokens_matches_what_prepare_allocates(tiny_engine, size, task):
+    """Admission counts tokens from the resize arithmetic; prepare resizes pixels. They must agree."""
+    from PIL import Image
+
+    req = tiny_engine.validate(GenerationRequest(task, "two red circles", Image.new("RGB", size), None, 1))
+    [state] = tiny_engine.prepare([req])
+    try:
+        n = state.grid[0] * state.grid[1]
+        assert tiny_engine.kv_tokens(req) == state.alloc[1] + 3 * (n + 2)
+    finally:
+        tiny_engine.release(state)
