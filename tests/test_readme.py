@@ -40,3 +40,25 @@ def test_readme_commands_parse(line, capsys):
         assert all(a in usage for a in argv[1:] if a.startswith("--"))
         return
     build_parser().parse_args(argv)  # argparse exits (SystemExit) on an unknown command or flag
+
+
+@pytest.mark.slow
+def test_python_example_runs(tmp_path, monkeypatch):
+    """The README's Python block, run against a tiny checkpoint (path and output size substituted)."""
+    from PIL import Image
+
+    from engine import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "tiny", "tiny")
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (96, 64), (200, 40, 40)).save("in.png")
+    [block] = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    code = block.replace('"models/RvR-7B-MoT"', repr(str(ckpt))).replace(
+        "height=512, width=768", "height=64, width=96"
+    )
+    code = code.replace("seed=42)", "seed=42, steps=4)")
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    with Image.open("refined.png") as refined:
+        assert refined.size == (96, 64)
+    assert [im.size for im in namespace["images"]] == [(96, 64), (96, 64)]
