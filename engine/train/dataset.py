@@ -147,17 +147,20 @@ def build_refine_records(
     max_candidates: int = 16,
     sources: dict[str, CandidateSource] | None = None,
     image_dir: str = "images/rvr",
+    pairs_per_prompt: int = 1,
 ) -> tuple[list[dict], dict[str, int]]:
     """Refine triplets <misaligned, aligned, prompt>; images are written under root/image_dir.
 
     Draws `n_candidates` per prompt, and more (up to `max_candidates`) while either kind is missing;
-    prompts that still lack a kind are skipped and counted in the returned stats."""
+    prompts that still lack a kind are skipped and counted in the returned stats. With
+    `pairs_per_prompt` > 1 further pairs are drawn from the same per-prompt generator."""
     root = Path(root)
     sources = sources or default_sources()
     records, stats = [], {"prompts": 0, "kept": 0, "skipped": 0, "candidates": 0}
-    for spec in specs:
-        stats["prompts"] += 1
-        rng = prompt_rng(seed, spec.text)
+    for spec, j in ((s, j) for s in specs for j in range(pairs_per_prompt)):
+        stats["prompts"] += j == 0
+        if j == 0:
+            rng = prompt_rng(seed, spec.text)
         cands = draw_candidates(spec, rng, sources, n_candidates)
         while select_pair(cands) is None and len(cands) < max_candidates:
             cands += draw_candidates(spec, rng, sources, 2)
@@ -167,7 +170,7 @@ def build_refine_records(
             stats["skipped"] += 1
             continue
         mis, ali = pair
-        key = prompt_key(spec.text)
+        key = prompt_key(spec.text) + (f"_{j}" if j else "")
         records.append(
             {
                 "image_list": [
@@ -320,15 +323,29 @@ def open_rgb(path: str | Path) -> Image.Image:
 # The whole world dataset
 
 
-def sample_prompt_pool(n: int, seed: int) -> list[PromptSpec]:
-    """n distinct specs: half GenEval categories (cycled), half mixed 1-5 dimension specs."""
+def sample_prompt_pool(
+    n: int,
+    seed: int,
+    categories: Sequence[str] = CATEGORIES,
+    mixed_max_dims: int = 5,
+    exclude_dims: Sequence[str] = (),
+    max_groups: int = 2,
+) -> list[PromptSpec]:
+    """n distinct specs: half GenEval `categories` (cycled), half mixed specs of 1-`mixed_max_dims`
+    dimensions; specs using a dimension in `exclude_dims` or with more than `max_groups` object groups
+    are dropped (a simpler world)."""
     rng = np.random.default_rng(seed)
     seen, out = set(), []
     i = 0
     while len(out) < n and i < 50 * n:
-        cat = CATEGORIES[(i // 2) % len(CATEGORIES)] if i % 2 == 0 else "mixed"
-        spec = sample_spec(rng, category=cat)
+        cat = categories[(i // 2) % len(categories)] if i % 2 == 0 else "mixed"
+        if cat == "mixed" and mixed_max_dims < 5:
+            spec = sample_spec(rng, n_dims=int(rng.integers(1, mixed_max_dims + 1)), category=cat)
+        else:
+            spec = sample_spec(rng, category=cat)
         i += 1
+        if set(spec.dims) & set(exclude_dims) or len(spec.groups) > max_groups:
+            continue
         if spec.text not in seen:
             seen.add(spec.text)
             out.append(spec)
@@ -342,6 +359,12 @@ def build_world_dataset(
     size: int = DEFAULT_SIZE,
     heldout_fraction: float = 0.1,
     n_candidates: int = 4,
+    categories: Sequence[str] = CATEGORIES,
+    mixed_max_dims: int = 5,
+    exclude_dims: Sequence[str] = (),
+    max_groups: int = 2,
+    pairs_per_prompt: int = 1,
+    t2i_per_prompt: int = 1,
 ) -> dict:
     """Build every training set of the world under `out`:
 
@@ -351,14 +374,18 @@ def build_world_dataset(
     - `eval/heldout.jsonl`: the held-out specs (never used above), for mini-GenEval.
     """
     out = Path(out)
-    pool = sample_prompt_pool(n_prompts, seed)
+    pool = sample_prompt_pool(n_prompts, seed, categories, mixed_max_dims, exclude_dims, max_groups)
     train = [s for s in pool if not is_heldout(s.text, heldout_fraction)]
     held = [s for s in pool if is_heldout(s.text, heldout_fraction)]
     sources = default_sources(size)
-    refine, stats = build_refine_records(train, out, seed, n_candidates, sources=sources)
+    refine, stats = build_refine_records(
+        train, out, seed, n_candidates, sources=sources, pairs_per_prompt=pairs_per_prompt
+    )
     rvr_file = write_records(refine, out / "rvr/data/rvr.parquet")
     write_parquet_info([rvr_file], out / "rvr/json/parquet_info.json")
-    write_records(build_t2i_records(train, out, seed, size), out / "t2i/data/t2i.parquet")
+    write_records(
+        build_t2i_records(train, out, seed, size, per_prompt=t2i_per_prompt), out / "t2i/data/t2i.parquet"
+    )
     write_records(build_understanding_records(refine), out / "und/und.jsonl")
     write_records(
         [{"user_prompt": [s.text], "spec": s.to_json(), "category": s.category} for s in held],

@@ -38,6 +38,7 @@ from engine.tokenizer import Tokenizer, write_tiny_tokenizer
 from engine.train.autoencoder import AETrainConfig, train_autoencoder
 from engine.train.dataset import build_world_dataset, read_records
 from engine.train.evaluate import autoencoder_ceiling, format_summary, load_heldout, mini_geneval
+from engine.train.prompts import CATEGORIES
 from engine.train.trainer import TOKENIZER_FILES, TrainConfig, train
 
 STAGES = ("data", "ae", "init", "t2i", "judge", "rvr", "export", "eval")
@@ -57,10 +58,23 @@ class RunConfig:
     stages: dict[str, TrainConfig] = field(default_factory=dict)
     eval_limit: int | None = None
     eval_steps: int = 25
+    eval_seeds: tuple[int, ...] = (0,)
+    eval_cfg_text: float | None = None  # None: the engine's task defaults
     threads: int = 1
+    # the world: GenEval categories in the prompt pool, mixed specs of at most this many dimensions,
+    # dimensions left out entirely, and the held-out fraction
+    categories: tuple[str, ...] = CATEGORIES
+    mixed_max_dims: int = 5
+    exclude_dims: tuple[str, ...] = ()
+    max_groups: int = 2
+    heldout_fraction: float = 0.1
+    pairs_per_prompt: int = 1  # refine pairs (and judge samples) per training prompt
+    t2i_per_prompt: int = 1
 
 
-def _stage_cfgs(steps: tuple[int, int, int], max_rows: int, seed: int) -> dict[str, TrainConfig]:
+def _stage_cfgs(
+    steps: tuple[int, int, int], max_rows: int, seed: int, judge_ce_weight: float = 0.25
+) -> dict[str, TrainConfig]:
     common = dict(
         lr=1e-3,
         warmup_steps=100,
@@ -74,7 +88,12 @@ def _stage_cfgs(steps: tuple[int, int, int], max_rows: int, seed: int) -> dict[s
     return {
         "t2i": TrainConfig(steps=t2i, mixture={"t2i": 1.0}, init_weights="ema", weights_name="ema", **common),
         "judge": TrainConfig(
-            steps=judge, mixture={"und": 3.0, "t2i": 1.0}, init_weights="ema", weights_name="ema", **common
+            steps=judge,
+            mixture={"und": 3.0, "t2i": 1.0},
+            init_weights="ema",
+            weights_name="ema",
+            ce_weight=judge_ce_weight,
+            **common,
         ),
         # The demo adds 10 % prompt / image dropout on refine samples (the release has none) so that the
         # engine's cfg_text [SYS][ViT] and cfg_img [SYS][PROMPT] branches are in distribution for a small model.
@@ -85,6 +104,7 @@ def _stage_cfgs(steps: tuple[int, int, int], max_rows: int, seed: int) -> dict[s
             weights_name="rvr",
             refine_prompt_dropout=0.1,
             refine_image_dropout=0.1,
+            ce_weight=judge_ce_weight,
             **common,
         ),
     }
@@ -109,6 +129,26 @@ PROFILES = {
         stages=_stage_cfgs((4000, 600, 800), 800, 0),
         eval_limit=None,
         eval_steps=20,
+    ),
+    # ~30 min on two free CPU cores (--threads 2): a simpler world of one object group per prompt and
+    # 1-3 dimensions (object, colour, count, size; no position), eight refine pairs and T2I targets per
+    # training prompt, the judge's CE at full weight, longer stages, four seeds per held-out prompt.
+    "demo-simple": lambda: RunConfig(
+        n_prompts=300,
+        model_preset="mini",
+        vae=VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=8),
+        ae=AETrainConfig(steps=1200, batch_size=8, lr=2e-3),  # the demo's autoencoder (same seed)
+        stages=_stage_cfgs((4000, 2000, 2000), 800, 0, judge_ce_weight=1.0),
+        eval_limit=None,
+        eval_steps=20,
+        eval_seeds=(0, 1, 2, 3),
+        categories=("single_object", "counting", "colors"),
+        mixed_max_dims=3,
+        exclude_dims=("position",),
+        max_groups=1,
+        heldout_fraction=0.2,
+        pairs_per_prompt=8,
+        t2i_per_prompt=8,
     ),
 }
 
@@ -199,7 +239,19 @@ def run_all(out: str | Path, run: RunConfig, stages: tuple[str, ...] = STAGES, p
 
     if "data" in stages and not (data / "stats.json").is_file():
         t0 = time.time()
-        stats = build_world_dataset(data, run.n_prompts, run.seed, run.image_size)
+        stats = build_world_dataset(
+            data,
+            run.n_prompts,
+            run.seed,
+            run.image_size,
+            run.heldout_fraction,
+            categories=run.categories,
+            mixed_max_dims=run.mixed_max_dims,
+            exclude_dims=run.exclude_dims,
+            max_groups=run.max_groups,
+            pairs_per_prompt=run.pairs_per_prompt,
+            t2i_per_prompt=run.t2i_per_prompt,
+        )
         done("data", seconds=time.time() - t0, **stats)
     if "ae" in stages and not (ae_dir / "ae.safetensors").is_file():
         t0 = time.time()
@@ -243,9 +295,16 @@ def run_all(out: str | Path, run: RunConfig, stages: tuple[str, ...] = STAGES, p
         engine = load_engine(prev, device="cpu", dtype="float32")
         specs = load_heldout(data)[: run.eval_limit]
         params = {"steps": run.eval_steps}
+        if run.eval_cfg_text is not None:
+            params["cfg_text"] = run.eval_cfg_text
         t0 = time.time()
         summary = mini_geneval(
-            engine, specs, (run.seed,), run.image_size, generate_params=params, refine_params=params
+            engine,
+            specs,
+            tuple(run.seed + s for s in run.eval_seeds),
+            run.image_size,
+            generate_params=params,
+            refine_params=params,
         )
         summary["autoencoder_ceiling"] = autoencoder_ceiling(engine.vae, specs, run.seed, run.image_size)
         (out / "eval.json").write_text(json.dumps(summary, indent=2))

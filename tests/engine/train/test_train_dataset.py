@@ -13,6 +13,7 @@ from engine.train.dataset import (
     hook_source,
     load_refine_sample,
     read_records,
+    sample_prompt_pool,
     write_parquet_info,
     write_records,
 )
@@ -79,3 +80,14 @@ def test_world_dataset_keeps_heldout_prompts_out_of_training(tmp_path):
     assert stats["heldout_prompts"] == len(held)
     with Image.open(tmp_path / read_records(tmp_path / "und/und.jsonl")[0]["image"]) as im:
         assert im.size == (64, 64)
+
+
+def test_simple_world_pool_and_several_pairs_per_prompt(tmp_path):
+    pool = sample_prompt_pool(20, 0, ("single_object", "colors"), 2, ("position",), max_groups=1)
+    assert len({s.text for s in pool}) == len(pool) >= 10
+    assert all(len(s.groups) == 1 and len(s.dims) <= 2 and "position" not in s.dims for s in pool)
+    records, stats = build_refine_records(pool[:2], tmp_path, seed=0, pairs_per_prompt=3)
+    assert stats["prompts"] == 2 and stats["kept"] + stats["skipped"] == 6 and stats["kept"] >= 5
+    paths = [p for r in records for p in r["image_list"]]
+    assert len(set(paths)) == len(paths)  # every pair has its own images
+    assert len({r["user_prompt"][0] for r in records}) == 2

@@ -65,3 +65,19 @@ def test_summary_is_mean_over_categories():
     assert s["mean_over_categories"] == {"t2i": 0.25, "rvr1": 0.5}
     assert s["judge_agreement_with_checker"] == 1.0
     assert s["mean_rounds_until"] == pytest.approx(4 / 3)
+
+
+def test_demo_simple_profile_is_a_one_group_world_with_honest_heldout():
+    run = PROFILES["demo-simple"]()
+    assert run.max_groups == 1 and "position" in run.exclude_dims and run.heldout_fraction > 0
+    assert run.stages["judge"].ce_weight == 1.0 and len(run.eval_seeds) > 1
+
+
+def test_refine_figure_grid_draws_prompt_and_both_images():
+    from PIL import Image
+
+    from engine.train.figure import draw_grid
+
+    im = Image.new("RGB", (8, 8), "red")
+    fig = draw_grid([("a red circle", im, im), ("two squares", im, im)], scale=2)
+    assert fig.width > 2 * 16 and fig.height > 2 * 16
