@@ -92,21 +92,11 @@ def run_llm(model, embeds, positions, segments, pool_layers, *, cache=(0, 0), wr
     `segments`: [(length, causal), ...]; `cache`: (start, len) of pool rows the sequence also sees;
     `writes`: [(row, n, slot), ...] persisted into `pool_layers`; `gen_rows`: [(is_gen, n), ...] runs.
     """
+    from engine.attention import select_attention
     from engine.model.packing import CacheWrite, ForwardBatch, Routing
-    from kernels import Segment, SequenceSpec, build_layout, mixed_attention_reference
+    from kernels import Segment, SequenceSpec, build_layout
 
-    def attention(q, k, v, k_cache, v_cache, layout):
-        return mixed_attention_reference(
-            q,
-            k,
-            v,
-            k_cache,
-            v_cache,
-            layout.cu_seqlens_q,
-            layout.cache_start,
-            layout.cache_len,
-            layout.kv_end,
-        )
+    attention = select_attention("reference", torch.device("cpu"))
 
     n = embeds.shape[0]
     spec = SequenceSpec(tuple(Segment(length, causal) for length, causal in segments), *cache)
