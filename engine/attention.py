@@ -14,18 +14,7 @@ ATTENTION_IMPLS: tuple[str, ...] = ("auto", "kernel", "reference")
 
 def _reference(q, k, v, k_cache, v_cache, layout: AttentionLayout) -> torch.Tensor:
     # The layout was validated on the host by build_layout: skip the range check and its device sync.
-    return mixed_attention_reference(
-        q,
-        k,
-        v,
-        k_cache,
-        v_cache,
-        layout.cu_seqlens_q,
-        layout.cache_start,
-        layout.cache_len,
-        layout.kv_end,
-        check=False,
-    )
+    return mixed_attention_reference(q, k, v, k_cache, v_cache, *layout.indices, check=False)
 
 
 def _kernel(q, k, v, k_cache, v_cache, layout: AttentionLayout) -> torch.Tensor:

@@ -102,33 +102,12 @@ def attention_with_layout(
         raise ValueError(f"layout must be an AttentionLayout, got {type(layout).__name__}")
     if isinstance(q, torch.Tensor) and q.dim() >= 1 and q.shape[0] != layout.total_q:
         raise ValueError(f"q has {q.shape[0]} rows but the layout has {layout.total_q}")
-    check_metadata(
-        q,
-        k,
-        v,
-        k_cache,
-        v_cache,
-        layout.cu_seqlens_q,
-        layout.cache_start,
-        layout.cache_len,
-        layout.kv_end,
-        scale,
-    )
+    check_metadata(q, k, v, k_cache, v_cache, *layout.indices, scale)
     if k_cache.shape[0] < layout.max_cache_end:
         raise ValueError(
             f"k_cache has {k_cache.shape[0]} rows but the layout's cache ranges reach row {layout.max_cache_end}"
         )
-    args = (
-        q,
-        k,
-        v,
-        k_cache,
-        v_cache,
-        layout.cu_seqlens_q,
-        layout.cache_start,
-        layout.cache_len,
-        layout.kv_end,
-    )
+    args = (q, k, v, k_cache, v_cache, *layout.indices)
     if _use_kernel(q):
         impl = _triton_impl()
         block_m = impl.default_block_m(q.shape[-1], layout.max_seqlen_q)

@@ -148,7 +148,7 @@ def run_shape(shape: Shape, dtype, device, smoke: bool, methods: set[str]) -> tu
     kc, vc = rnd(tc, shape.hkv, shape.d), rnd(tc, shape.hkv, shape.d)
     flops = 4.0 * shape.hq * shape.d * layout.visible_pairs
     f32 = [x.float() for x in (q, k, v, kc, vc)]
-    idx = (layout.cu_seqlens_q, layout.cache_start, layout.cache_len, layout.kv_end)
+    idx = layout.indices
     ref = mixed_attention_reference(*f32, *idx, check=False)
     del f32
     cu = layout.cu_seqlens_q.tolist()

@@ -100,6 +100,11 @@ class AttentionLayout:
     def device(self) -> torch.device:
         return self.kv_end.device
 
+    @property
+    def indices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cu_seqlens_q, cache_start, cache_len, kv_end): the index arguments of `mixed_attention`."""
+        return self.cu_seqlens_q, self.cache_start, self.cache_len, self.kv_end
+
     def tile_table(self, block_m: int) -> torch.Tensor:
         """The kernel's (n_tiles, 4) int32 tile table for `block_m`, built once and cached."""
         tab = self._tiles.get(block_m)

@@ -69,7 +69,7 @@ def run_random(c):
         q = inputs[0]
         q[layout.total_q // 2, 0, :] = 300.0  # scores in the thousands: needs the running max
         q[0, hq - 1, 0] = 1000.0
-    index = (layout.cu_seqlens_q, layout.cache_start, layout.cache_len, layout.kv_end)
+    index = layout.indices
     t0 = time.perf_counter()
     buf = None
     if c.get("api") == "mixed_attention":

@@ -32,7 +32,7 @@ def _check(specs, cache_rows, hq, hkv, d, dtype, seed):
     gold, _ = golden(q, k, v, kc, vc, mask)
     lowp = lowp_reference(q, k, v, kc, vc, mask)
     dev = [t.cuda() for t in (q, k, v, kc, vc)]
-    idx = [t.cuda() for t in (layout.cu_seqlens_q, layout.cache_start, layout.cache_len, layout.kv_end)]
+    idx = [t.cuda() for t in layout.indices]
     out = mixed_attention(*dev, *idx).cpu()
     ok, msg = within_tolerance(out, gold, lowp, dtype)
     assert ok, msg

@@ -24,7 +24,7 @@ from tests.kernels.kernels_testutil import (
 
 
 def _args(layout, inputs):
-    return (*inputs, layout.cu_seqlens_q, layout.cache_start, layout.cache_len, layout.kv_end)
+    return (*inputs, *layout.indices)
 
 
 @pytest.mark.parametrize("seed", range(12))
