@@ -320,21 +320,18 @@ class Engine:
             ci = context_image(img, self.cfg)
             images.append(ci)
         vit = self._vit_embeddings(ws.model, images)
-        last_rows = []
         for i, ((_, prompt), ci) in enumerate(zip(items, images, strict=True)):
             segments = judge_context(self.tokenizer, prompt, ci.vit_grid[0] * ci.vit_grid[1])
             nodes, rope = [], 0
             for seg in segments:
                 nodes.append(Node(seg, rope))
                 rope += seg.rope_advance
-            start = rows.count
             specs = self._add_nodes(ws.model, rows, nodes, {"input": vit[i]}, {})
             # The answer's first token is predicted at one more <|im_start|> row (not cached).
             rows.add(
                 ws.model.embed_tokens(torch.tensor([self.tokenizer.bos_id], device=self.device)), rope, False
             )
             rows.seqs.append(SequenceSpec((*specs, AttnSegment(1, True))))
-            last_rows.append(rows.count - 1 - start)
         embeds, batch = rows.batch(self.device)
         h_und, _ = ws.model.llm(
             embeds,

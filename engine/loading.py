@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -35,9 +36,9 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "rvr-serve"
     path = root / "tiny-random-v1"
     if not (path / "ae.safetensors").is_file():
-        tmp = root / f".tiny-random-v1.{torch.randint(0, 2**31, ()).item()}"
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tiny-random-v1.", dir=root))
         make_checkpoint(tmp, "tiny", seed=0)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             tmp.rename(path)  # atomic: concurrent starters never see a half-written directory
         except OSError:  # another process won the race

@@ -6,7 +6,6 @@ BAGEL-7B-MoT shapes for GPU benchmarks with random weights.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -76,14 +75,6 @@ def preset(name: str, vocab_size: int = 152064) -> BagelConfig:
 PRESETS = ("tiny", "small", "bagel-7b")
 
 
-def random_weights(cfg: BagelConfig, seed: int) -> tuple[Bagel, AutoEncoder]:
-    torch.manual_seed(seed)
-    model = Bagel(cfg)
-    # llm2vae is zero-initialised in training; random here so untrained outputs are not all equal.
-    vae = AutoEncoder(cfg.vae)
-    return model, vae
-
-
 def make_checkpoint(
     out_dir: str | Path,
     preset_name: str = "tiny",
@@ -101,11 +92,11 @@ def make_checkpoint(
     tok = Tokenizer.from_dir(out)
     vocab = -(-tok.vocab_size // 64) * 64  # embedding rows rounded up, like Qwen2's padded vocab
     cfg = preset(preset_name, vocab_size=vocab)
-    model, vae = random_weights(cfg, seed)
-    states = {}
+    states, vae = {}, None
     for i, name in enumerate(weights):
-        if i:
-            model, _ = random_weights(replace(cfg), seed + 1000 * i)
-        states[name] = model.state_dict()
+        torch.manual_seed(seed + 1000 * i)
+        states[name] = Bagel(cfg).state_dict()  # default init (llm2vae random, so outputs vary)
+        if vae is None:
+            vae = AutoEncoder(cfg.vae)  # drawn after the first weight set, shared by all
     save_checkpoint(out, cfg, states, vae.state_dict(), dtype=dtype)
     return out
