@@ -370,6 +370,31 @@ class Engine:
             req = outputs[-1].next_request
         return outputs
 
+    def run_batch(self, requests: list[GenerationRequest], batch_size: int = 32) -> list[list[RoundOutput]]:
+        """Run many requests in lockstep batches of at most `batch_size`; one list of rounds per request.
+
+        Offline work (dataset construction, evaluation) gets the packed step's throughput; each request's
+        images are the ones `run` gives it alone, since noise comes from the request's own generator.
+        """
+        outputs: list[list[RoundOutput]] = [[] for _ in requests]
+        pending = list(enumerate(requests))
+        while pending:
+            chunk, pending = pending[:batch_size], pending[batch_size:]
+            states = self.prepare([req for _, req in chunk])
+            try:
+                while not all(s.done for s in states):
+                    self.step(states)
+            except BaseException:
+                for state in states:
+                    self.release(state)
+                raise
+            for (i, _), state in zip(chunk, states, strict=True):
+                out = self.finish(state)
+                outputs[i].append(out)
+                if out.next_request is not None:
+                    pending.append((i, out.next_request))
+        return outputs
+
     def refine(
         self,
         image: Image.Image,

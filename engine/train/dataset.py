@@ -132,7 +132,7 @@ def select_pair(cands: Sequence[Candidate]) -> tuple[Candidate, Candidate] | Non
     return (mis, ali) if mis and ali else None
 
 
-def _save(img: Image.Image, root: Path, rel: str) -> str:
+def save_image(img: Image.Image, root: Path, rel: str) -> str:
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
@@ -174,8 +174,8 @@ def build_refine_records(
         records.append(
             {
                 "image_list": [
-                    _save(mis.image, root, f"{image_dir}/{key}_mis.png"),
-                    _save(ali.image, root, f"{image_dir}/{key}_ali.png"),
+                    save_image(mis.image, root, f"{image_dir}/{key}_mis.png"),
+                    save_image(ali.image, root, f"{image_dir}/{key}_ali.png"),
                 ],
                 "user_prompt": [spec.text],
                 "spec": spec.to_json(),
@@ -207,7 +207,10 @@ def build_t2i_records(
             if not check(img, spec)["overall"]:
                 continue  # the checker is the filter, as in the paper's pipeline
             records.append(
-                {"image_list": [_save(img, root, f"{image_dir}/{key}_{j}.png")], "user_prompt": [spec.text]}
+                {
+                    "image_list": [save_image(img, root, f"{image_dir}/{key}_{j}.png")],
+                    "user_prompt": [spec.text],
+                }
             )
     return records
 
@@ -352,6 +355,15 @@ def sample_prompt_pool(
     return out
 
 
+def spec_records(specs: Iterable[PromptSpec]) -> list[dict]:
+    return [{"user_prompt": [s.text], "spec": s.to_json(), "category": s.category} for s in specs]
+
+
+def read_specs(path: str | Path) -> list[PromptSpec]:
+    """Specs from a file written with `spec_records` (`train_specs.jsonl`, `eval/heldout.jsonl`)."""
+    return [PromptSpec.from_json(r["spec"]) for r in read_records(path)]
+
+
 def build_world_dataset(
     out: str | Path,
     n_prompts: int = 2000,
@@ -371,6 +383,7 @@ def build_world_dataset(
     - `rvr/data/rvr.parquet` (+ `rvr/json/parquet_info.json`): refine pairs from training prompts;
     - `t2i/data/t2i.parquet`: faithful renders of training prompts;
     - `und/und.jsonl`: yes/no judge samples from the refine pairs;
+    - `train_specs.jsonl`: the training specs (for stages that sample the model on them);
     - `eval/heldout.jsonl`: the held-out specs (never used above), for mini-GenEval.
     """
     out = Path(out)
@@ -387,10 +400,8 @@ def build_world_dataset(
         build_t2i_records(train, out, seed, size, per_prompt=t2i_per_prompt), out / "t2i/data/t2i.parquet"
     )
     write_records(build_understanding_records(refine), out / "und/und.jsonl")
-    write_records(
-        [{"user_prompt": [s.text], "spec": s.to_json(), "category": s.category} for s in held],
-        out / "eval/heldout.jsonl",
-    )
+    write_records(spec_records(train), out / "train_specs.jsonl")
+    write_records(spec_records(held), out / "eval/heldout.jsonl")
     stats.update(train_prompts=len(train), heldout_prompts=len(held))
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats

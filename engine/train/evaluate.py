@@ -25,7 +25,7 @@ from PIL import Image
 
 from engine.preprocess import tensor_to_pil, to_tensor
 from engine.train.checker import check
-from engine.train.dataset import read_records
+from engine.train.dataset import read_specs
 from engine.train.prompts import PromptSpec, sample_scene
 from engine.train.world import DEFAULT_SIZE, render
 from engine.types import GenerationRequest, SamplingParams
@@ -35,7 +35,7 @@ REROLL_OFFSET = 1_000_003
 
 
 def load_heldout(data_root: str | Path) -> list[PromptSpec]:
-    return [PromptSpec.from_json(r["spec"]) for r in read_records(Path(data_root) / "eval/heldout.jsonl")]
+    return read_specs(Path(data_root) / "eval/heldout.jsonl")
 
 
 def mini_geneval(
@@ -80,7 +80,7 @@ def mini_geneval(
                     )
                     imgs["rvr_until"] = outs.image
                     rounds_used = outs.round_index
-            verdict = {m: check(imgs[m], spec)["overall"] for m in modes if m in imgs}
+            labels = {m: check(imgs[m], spec) for m in modes if m in imgs}
             rows.append(
                 {
                     "prompt": prompt,
@@ -88,7 +88,8 @@ def mini_geneval(
                     "seed": seed,
                     "judge_p_yes": p_yes,
                     "rounds_until": rounds_used,
-                    **{f"ok_{m}": v for m, v in verdict.items()},
+                    **{f"ok_{m}": lab["overall"] for m, lab in labels.items()},
+                    **{f"dims_{m}": {d: lab[d] for d in spec.dims} for m, lab in labels.items()},
                 }
             )
             if save_dir is not None:
@@ -132,17 +133,35 @@ def summarize(rows: list[dict], modes: Sequence[str], judge_threshold: float = 0
         for m in modes:
             if f"ok_{m}" in r:
                 by_cat[r["category"]][m].append(r[f"ok_{m}"])
+    by_dim: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        for m in modes:
+            for d, ok in r.get(f"dims_{m}", {}).items():
+                by_dim[d][m].append(ok)
     per_cat = {c: {m: sum(v) / len(v) for m, v in ms.items()} for c, ms in sorted(by_cat.items())}
     mean = {m: sum(per_cat[c][m] for c in per_cat if m in per_cat[c]) / max(1, len(per_cat)) for m in modes}
+    pooled = {m: _rate([r[f"ok_{m}"] for r in rows if f"ok_{m}" in r]) for m in modes}
+    # per prompt dimension: the fraction of (prompt, seed) pairs constraining it whose image satisfies it
+    per_dim = {d: {m: sum(v) / len(v) for m, v in ms.items()} for d, ms in sorted(by_dim.items())}
     judge_agree = [(r["judge_p_yes"] >= judge_threshold) == r["ok_t2i"] for r in rows if "ok_t2i" in r]
     return {
         "n": len(rows),
         "mean_over_categories": mean,
+        "pooled": pooled,
         "per_category": per_cat,
+        "per_dimension": per_dim,
         "judge_agreement_with_checker": sum(judge_agree) / len(judge_agree) if judge_agree else None,
         "mean_rounds_until": sum(r["rounds_until"] for r in rows) / max(1, len(rows)),
         "rows": rows,
     }
+
+
+def _rate(v: list[bool]) -> float | None:
+    return sum(v) / len(v) if v else None
+
+
+def _cell(v: float | None) -> str:
+    return f"{v:>12.3f}" if v is not None else f"{'-':>12}"
 
 
 def format_summary(s: dict) -> str:
@@ -152,6 +171,10 @@ def format_summary(s: dict) -> str:
     for c, ms in s["per_category"].items():
         lines.append("  " + f"{c:<14}" + "".join(f"{ms.get(m, float('nan')):>12.3f}" for m in modes))
     lines.append("  " + f"{'mean':<14}" + "".join(f"{s['mean_over_categories'][m]:>12.3f}" for m in modes))
+    if s.get("pooled"):
+        lines.append("  " + f"{'pooled':<14}" + "".join(_cell(s["pooled"][m]) for m in modes))
+    for d, ms in s.get("per_dimension", {}).items():
+        lines.append("  " + f"{'dim ' + d:<14}" + "".join(_cell(ms.get(m)) for m in modes))
     if s["judge_agreement_with_checker"] is not None:
         lines.append(f"  judge agrees with checker on t2i images: {s['judge_agreement_with_checker']:.3f}")
     lines.append(f"  mean RvR rounds in rvr_until: {s['mean_rounds_until']:.2f}")
@@ -163,19 +186,28 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from engine.loading import load_engine
+    from engine.loading import default_model_dir, load_engine
 
     ap = argparse.ArgumentParser(description="Mini-GenEval on the held-out prompts of a world dataset.")
-    ap.add_argument("--model", required=True, help="checkpoint directory")
-    ap.add_argument("--data", required=True, help="world dataset root (holds eval/heldout.jsonl)")
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    ap.add_argument(
+        "--data",
+        default=None,
+        help="world dataset root holding eval/heldout.jsonl (default: the model directory, where the "
+        "bundled model ships the held-out prompts it was never trained on)",
+    )
     ap.add_argument("--limit", type=int, default=None, help="first N held-out prompts")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the engine's)")
     ap.add_argument("--save-dir", default=None)
     ap.add_argument("--json", default=None, help="write the full summary here")
     a = ap.parse_args(argv)
-    engine = load_engine(a.model, device="cpu", dtype="float32")
-    specs = load_heldout(a.data)[: a.limit]
+    model = Path(a.model) if a.model else default_model_dir()
+    data = Path(a.data) if a.data else model
+    if not (data / "eval/heldout.jsonl").is_file():
+        ap.error(f"{data} has no eval/heldout.jsonl; pass --data with a world dataset root")
+    engine = load_engine(model, device="cpu", dtype="float32")
+    specs = load_heldout(data)[: a.limit]
     params = {"steps": a.steps} if a.steps else {}
     s = mini_geneval(
         engine, specs, range(a.seeds), generate_params=params, refine_params=params, save_dir=a.save_dir

@@ -7,9 +7,12 @@
 3. init     tokenizer trained on the training prompts and fixed strings, random unified model
             (`llm2vae` zero-initialised as in BAGEL training), written as an engine checkpoint;
 4. t2i      text-to-image stage                      -> ema.safetensors
+   own      samples of the T2I stage on the training prompts, labelled by the checker: judge samples and
+            refine pairs <own misaligned sample, aligned render> (profiles with `own_per_prompt` > 0)
 5. judge    yes/no alignment judge (+ T2I replay)    -> ema.safetensors
 6. rvr      RvR fine-tune, rvr:und:t2i = 2:1:1      -> rvr.safetensors (the base ema is kept)
-7. export   the final checkpoint with bfloat16 weights (both weight files) into --out/model, the one to ship;
+7. export   the final checkpoint with bfloat16 weights (both weight files) and the held-out prompts
+            (eval/heldout.jsonl) into --out/model, the one to ship;
 8. eval     mini-GenEval of the exported model on the held-out prompts.
 
 Each stage writes into its own directory under --out and is skipped when its output exists, so an
@@ -36,12 +39,13 @@ from engine.prompts import JUDGE_QUESTION, REFINE_PROMPT, REFINE_SYSTEM_PROMPT, 
 from engine.tiny import preset
 from engine.tokenizer import Tokenizer, write_tiny_tokenizer
 from engine.train.autoencoder import AETrainConfig, train_autoencoder
-from engine.train.dataset import build_world_dataset, read_records
+from engine.train.dataset import build_world_dataset, read_records, read_specs
 from engine.train.evaluate import autoencoder_ceiling, format_summary, load_heldout, mini_geneval
+from engine.train.own_samples import own_t2i_records, write_own_dataset
 from engine.train.prompts import CATEGORIES
 from engine.train.trainer import TOKENIZER_FILES, TrainConfig, train
 
-STAGES = ("data", "ae", "init", "t2i", "judge", "rvr", "export", "eval")
+STAGES = ("data", "ae", "init", "t2i", "own", "judge", "rvr", "export", "eval")
 SHIP_FILES = ("config.json", "llm_config.json", "vit_config.json", *TOKENIZER_FILES)
 
 
@@ -70,6 +74,7 @@ class RunConfig:
     heldout_fraction: float = 0.1
     pairs_per_prompt: int = 1  # refine pairs (and judge samples) per training prompt
     t2i_per_prompt: int = 1
+    own_per_prompt: int = 0  # samples of the T2I stage per training prompt (0: no `own` stage)
 
 
 def _stage_cfgs(
@@ -119,6 +124,7 @@ PROFILES = {
         stages=_stage_cfgs((2, 2, 2), 300, 0),
         eval_limit=2,
         eval_steps=3,
+        own_per_prompt=2,
     ),
     # about an hour on one share of two busy CPU cores (single thread)
     "demo": lambda: RunConfig(
@@ -149,6 +155,14 @@ PROFILES = {
         heldout_fraction=0.2,
         pairs_per_prompt=8,
         t2i_per_prompt=8,
+    ),
+    # The bundled model (engine/assets/demo): demo-simple's world, a longer T2I stage, then the paper's
+    # data loop on the model itself: eight own T2I samples per training prompt, labelled by the checker,
+    # feed the judge (on the images it will judge) and RvR (on the failures it will refine).
+    "bundled": lambda: replace(
+        PROFILES["demo-simple"](),
+        stages=_stage_cfgs((6000, 2000, 2000), 800, 0, judge_ce_weight=1.0),
+        own_per_prompt=8,
     ),
 }
 
@@ -217,11 +231,32 @@ def export_checkpoint(src: Path, dst: Path, dtype: torch.dtype = torch.bfloat16)
 
 
 def _records(data: Path) -> dict[str, list[dict]]:
+    """The world's records, plus the `own` stage's refine pairs and judge samples when it ran."""
+    own = data / "own"
     return {
-        "rvr": read_records(data / "rvr/json/parquet_info.json"),
+        "rvr": read_records(data / "rvr/json/parquet_info.json")
+        + (read_records(own / "rvr.parquet") if (own / "rvr.parquet").is_file() else []),
         "t2i": read_records(data / "t2i/data/t2i.parquet"),
-        "und": read_records(data / "und/und.jsonl"),
+        "und": read_records(data / "und/und.jsonl")
+        + (read_records(own / "und.jsonl") if (own / "und.jsonl").is_file() else []),
     }
+
+
+def own_stage(data: Path, t2i_dir: Path, run: RunConfig) -> dict:
+    """Sample the T2I stage on every training prompt and write its labelled records under data/own."""
+    engine = load_engine(t2i_dir, device="cpu", dtype="float32")
+    refine, judge, stats = own_t2i_records(
+        engine,
+        read_specs(data / "train_specs.jsonl"),
+        read_records(data / "t2i/data/t2i.parquet"),
+        data,
+        run.seed,
+        run.own_per_prompt,
+        run.image_size,
+        params={"steps": run.eval_steps},
+    )
+    write_own_dataset(data, refine, judge)
+    return stats
 
 
 def run_all(out: str | Path, run: RunConfig, stages: tuple[str, ...] = STAGES, progress: bool = True) -> dict:
@@ -269,6 +304,15 @@ def run_all(out: str | Path, run: RunConfig, stages: tuple[str, ...] = STAGES, p
     prev = init
     records = None
     for stage in ("t2i", "judge", "rvr"):
+        if (
+            stage == "judge"
+            and "own" in stages
+            and run.own_per_prompt
+            and not (data / "own/und.jsonl").is_file()
+        ):
+            t0 = time.time()
+            stats = own_stage(data, prev, run)
+            done("own", seconds=time.time() - t0, **stats)
         cfg = run.stages[stage]
         stage_dir = out / stage
         if stage in stages:
@@ -289,8 +333,15 @@ def run_all(out: str | Path, run: RunConfig, stages: tuple[str, ...] = STAGES, p
         prev = stage_dir
     if "export" in stages:
         prev = export_checkpoint(prev, out / "model")
-        size = sum(f.stat().st_size for f in prev.iterdir())
-        done("export", bytes=size, files=sorted(f.name for f in prev.iterdir()))
+        # the held-out prompts travel with the model, so `rvr eval` on it needs no dataset
+        (prev / "eval").mkdir(exist_ok=True)
+        shutil.copyfile(data / "eval/heldout.jsonl", prev / "eval/heldout.jsonl")
+        files = sorted(f for f in prev.rglob("*") if f.is_file())
+        done(
+            "export",
+            bytes=sum(f.stat().st_size for f in files),
+            files=[str(f.relative_to(prev)) for f in files],
+        )
     if "eval" in stages:
         engine = load_engine(prev, device="cpu", dtype="float32")
         specs = load_heldout(data)[: run.eval_limit]

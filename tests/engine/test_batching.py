@@ -445,3 +445,25 @@ def test_kv_tokens_matches_what_prepare_allocates(tiny_engine, size, task):
         assert tiny_engine.kv_tokens(req) == state.alloc[1] + 3 * (n + 2)
     finally:
         tiny_engine.release(state)
+
+
+def test_run_batch_equals_run_alone_across_chunks_and_rounds(tiny_engine):
+    reqs = [
+        _req("generate", "a red circle", seed=7, size=(64, 64), steps=3),
+        GenerationRequest(
+            "refine",
+            "two blue squares",
+            random_image(64, 64, 8),
+            SamplingParams.for_task("refine", steps=3),
+            seed=8,
+            rounds=2,
+        ),
+        _req("edit", "make it green", random_image(48, 64, 9), seed=9, steps=2),
+    ]
+    alone = [[o.image for o in tiny_engine.run(r)] for r in reqs]
+    used = {n: ws.pool.used for n, ws in tiny_engine.weight_sets.items()}
+    batched = tiny_engine.run_batch(reqs, batch_size=2)
+    assert [len(rounds) for rounds in batched] == [1, 2, 1]
+    for want, got in zip(alone, batched, strict=True):
+        assert [max_pixel_diff(a, o.image) for a, o in zip(want, got, strict=True)] == [0] * len(want)
+    assert {n: ws.pool.used for n, ws in tiny_engine.weight_sets.items()} == used

@@ -1,4 +1,4 @@
-"""Autoencoder training, the staged run (data -> ae -> init -> t2i -> judge -> rvr -> export -> eval) and
+"""Autoencoder training, the staged run (data -> ae -> init -> t2i -> own -> judge -> rvr -> export -> eval) and
 mini-GenEval scoring."""
 
 import json
@@ -10,7 +10,9 @@ import torch
 from engine.config import VAEConfig
 from engine.loading import load_engine
 from engine.train.autoencoder import AETrainConfig, ae_losses, train_autoencoder, world_batch
+from engine.train.dataset import read_records
 from engine.train.evaluate import MODES, summarize
+from engine.train.evaluate import main as eval_main
 from engine.train.runs import PROFILES, run_all
 
 SMALL_VAE = VAEConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=4)
@@ -36,7 +38,10 @@ def test_autoencoder_steps_lower_reconstruction_and_standardise_latents():
 def test_staged_run_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "run"
     report = run_all(out, PROFILES["smoke"](), progress=False)
-    assert set(report["stages"]) == {"data", "ae", "init", "t2i", "judge", "rvr", "export", "eval"}
+    assert set(report["stages"]) == {"data", "ae", "init", "t2i", "own", "judge", "rvr", "export", "eval"}
+    own = report["stages"]["own"]
+    assert own["samples"] == 2 * len(read_records(out / "data/train_specs.jsonl"))
+    assert len(read_records(out / "data/own/und.jsonl")) == own["samples"]
     model = out / "model"
     assert (model / "ema.safetensors").is_file() and (model / "rvr.safetensors").is_file()
     assert report["stages"]["export"]["bytes"] < 25 * 2**20
@@ -48,6 +53,10 @@ def test_staged_run_end_to_end_and_resumes(tmp_path):
         <= engine.judge([(engine.generate("a red circle", 64, 64, seed=0, steps=2).image, "a red circle")])[0]
         <= 1
     )
+    # the exported model carries its held-out prompts: `rvr eval --model DIR` needs no dataset
+    eval_main(["--model", str(model), "--limit", "1", "--steps", "2", "--json", str(tmp_path / "ev.json")])
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["n"] == 1 and set(ev["pooled"]) == set(MODES) and "object" in ev["per_dimension"]
     # a second invocation finds every stage done and changes nothing
     before = (out / "rvr" / "rvr.safetensors").stat().st_mtime_ns
     run_all(out, PROFILES["smoke"](), stages=("data", "ae", "init", "t2i", "judge", "rvr"), progress=False)
