@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from engine.config import LLMConfig
 from engine.model.packing import ForwardBatch, Routing
@@ -155,6 +156,8 @@ class Qwen2MoTModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        # Training only: recompute each layer in backward instead of keeping its activations (7B-scale runs).
+        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -167,7 +170,12 @@ class Qwen2MoTModel(nn.Module):
         rope = self.rotary_emb(batch.positions)
         h_und, h_gen = batch.routing.split(embeds)
         for layer, kv in zip(self.layers, kv_layers, strict=True):
-            h_und, h_gen = layer(h_und, h_gen, batch, rope, kv, attention)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h_und, h_gen = checkpoint(
+                    layer, h_und, h_gen, batch, rope, kv, attention, use_reentrant=False
+                )
+            else:
+                h_und, h_gen = layer(h_und, h_gen, batch, rope, kv, attention)
         return self.norm(h_und), self.norm_moe_gen(h_gen)
 
 

@@ -80,6 +80,6 @@ class Losses:
 def losses(out: ForwardOut, mse_weight: float = 1.0, ce_weight: float = 0.25) -> Losses:
     """MSE on the velocity of the latent tokens plus weighted CE on the answer tokens (zero if absent)."""
     zero = out.velocity.new_zeros(())
-    mse = F.mse_loss(out.velocity, out.target.float()) if out.velocity.numel() else zero
-    ce = F.cross_entropy(out.logits, out.labels) if out.labels.numel() else zero
+    mse = F.mse_loss(out.velocity.float(), out.target.float()) if out.velocity.numel() else zero
+    ce = F.cross_entropy(out.logits.float(), out.labels) if out.labels.numel() else zero
     return Losses(mse_weight * mse + ce_weight * ce, mse.detach(), ce.detach())

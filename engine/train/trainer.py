@@ -69,6 +69,10 @@ class TrainConfig:
     # "inference": the 187-char prompt the engine (and the released app) uses at refine time, so a model
     # trained here matches serving; "train": the release's 157-char training variant (rvr.md §5.2).
     system_prompt: str = "inference"
+    # 7B-scale memory savers: recompute LLM layers in backward; run the forward under bfloat16 autocast
+    # (weights, gradients, optimizer state and EMA stay float32)
+    gradient_checkpointing: bool = False
+    autocast_bf16: bool = False
 
 
 def trainable_names(model: Bagel, cfg: TrainConfig) -> list[str]:
@@ -103,10 +107,13 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
         self.ema = {n: p.detach().float().clone() for n, p in model.named_parameters() if n in train}
         self.step = 0
+        model.language_model.model.gradient_checkpointing = cfg.gradient_checkpointing
+        self.device_type = next(model.parameters()).device.type
 
     def train_step(self, batch: PackedBatch) -> dict[str, float]:
         t0 = time.perf_counter()
-        out = forward(self.model, batch)
+        with torch.autocast(self.device_type, torch.bfloat16, enabled=self.cfg.autocast_bf16):
+            out = forward(self.model, batch)
         loss = losses(out, self.cfg.mse_weight, self.cfg.ce_weight)
         self.opt.zero_grad(set_to_none=True)
         loss.total.backward()

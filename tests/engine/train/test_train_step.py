@@ -72,6 +72,49 @@ def test_training_step_decreases_loss_on_fixed_batch(ckpt, world):
     assert after < before * 0.9
 
 
+def _fixed_batch(ckpt, world):
+    root, records = world
+    model, vae, tok, cfg = load_for_training(ckpt)
+    mix = Mixture(tok, ImageEncoder(cfg, vae), root, records, MixtureConfig({"rvr": 2, "und": 1, "t2i": 1}))
+    gen = torch.Generator().manual_seed(0)
+    return model, pack(mix.batch(seed=0, step=0, max_rows=250), tok.vision_start_id, tok.vision_end_id, gen)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(ckpt, world):
+    model, batch = _fixed_batch(ckpt, world)
+    model.requires_grad_(True)
+    calls = []
+    layer = model.language_model.model.layers[0]
+    run_layer = layer.forward
+    layer.forward = lambda *a: calls.append(1) or run_layer(*a)  # counts recomputation too (hooks do not)
+    grads, layer_runs = [], []
+    for recompute in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.language_model.model.gradient_checkpointing = recompute
+        calls.clear()
+        losses(forward(model.train(), batch)).total.backward()
+        layer_runs.append(len(calls))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert layer_runs == [1, 2]  # the checkpointed layer ran again in backward
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_bf16_autocast_step_keeps_float32_state_and_lowers_loss(ckpt, world):
+    model, batch = _fixed_batch(ckpt, world)
+    trainer = Trainer(model, TrainConfig(lr=2e-3, warmup_steps=1, ema_decay=0.5, autocast_bf16=True))
+    with torch.no_grad():
+        before = losses(forward(model, batch)).total.item()
+    m = [trainer.train_step(batch) for _ in range(3)]
+    assert all(np.isfinite(x["loss"]) for x in m)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(v.dtype == torch.float32 for v in trainer.ema.values())
+    with torch.no_grad():
+        after = losses(forward(model, batch)).total.item()
+    assert after < before * 0.9
+
+
 def _judge_with_training_forward(model, tok, enc, image, prompt):
     yes, no = tok.answer_token_ids()
     sample = Sample(
