@@ -78,7 +78,7 @@ def _ignorable(key: str, cfg: BagelConfig) -> bool:
     return bool(m) and int(m.group(1)) >= cfg.vit.layers_run
 
 
-def _check_keys(
+def check_keys(
     path: Path, expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]], cfg
 ) -> None:
     missing = sorted(set(expected) - set(stored))
@@ -110,7 +110,7 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
 
 def _load_into(model: nn.Module, path: Path, device: torch.device, dtype: torch.dtype, cfg) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    _check_keys(path, expected, read_shapes(path), cfg)
+    check_keys(path, expected, read_shapes(path), cfg)
     with safe_open(str(path), framework="pt", device="cpu") as f:
         for key in expected:
             _assign(model, key, f.get_tensor(key).to(device=device, dtype=dtype))

@@ -15,6 +15,10 @@ COMMANDS = ("refine", "generate", "edit", "judge", "make-checkpoint")
 PASSTHROUGH = {
     "eval": ("engine.train.evaluate", "mini-GenEval of a model on held-out prompts of the synthetic world"),
     "train": ("engine.train.runs", "the staged training run: world data, autoencoder, T2I, judge, RvR"),
+    "finetune": (
+        "engine.train.trainer",
+        "fine-tune a checkpoint on release-format records (torchrun: sharded)",
+    ),
 }
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from engine.model.bagel import Bagel
 from engine.model.packing import ForwardBatch, Routing
@@ -83,3 +84,15 @@ def losses(out: ForwardOut, mse_weight: float = 1.0, ce_weight: float = 0.25) ->
     mse = F.mse_loss(out.velocity.float(), out.target.float()) if out.velocity.numel() else zero
     ce = F.cross_entropy(out.logits.float(), out.labels) if out.labels.numel() else zero
     return Losses(mse_weight * mse + ce_weight * ce, mse.detach(), ce.detach())
+
+
+class TrainForward(nn.Module):
+    """`forward` as a module call: under FSDP this wrapper is the root unit, whose call gathers the
+    parameters that live outside the sharded layers (embeddings, heads, connector)."""
+
+    def __init__(self, model: Bagel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: PackedBatch) -> ForwardOut:
+        return forward(self.model, batch)

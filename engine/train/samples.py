@@ -158,8 +158,11 @@ class Mixture:
             )
         raise ValueError(f"unknown sample kind {kind!r}")
 
-    def batch(self, seed: int, step: int, max_rows: int, min_samples: int = 1) -> list[Sample]:
-        rng = np.random.default_rng([seed, step])
+    def batch(
+        self, seed: int, step: int, max_rows: int, min_samples: int = 1, shard: int | None = None
+    ) -> list[Sample]:
+        """The samples of `step`; data-parallel ranks pass their rank as `shard` to draw different ones."""
+        rng = np.random.default_rng([seed, step] if shard is None else [seed, step, shard])
         kinds = list(self.records)
         w = np.array([self.cfg.weights[k] for k in kinds], dtype=np.float64)
         order = list(kinds)  # one of each group first

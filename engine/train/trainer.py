@@ -11,6 +11,7 @@ Data and noise are drawn from (seed, step), so a resumed run continues exactly w
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import time
@@ -19,20 +20,31 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from tqdm import tqdm
 
 from engine.checkpoint import WEIGHT_FILES, load_bagel, load_vae, read_config, save_checkpoint, weight_files
 from engine.model.bagel import Bagel
 from engine.prompts import REFINE_SYSTEM_PROMPT, REFINE_SYSTEM_PROMPT_TRAIN
 from engine.tokenizer import Tokenizer
-from engine.train.forward import forward, losses
+from engine.train.dataset import read_records
+from engine.train.distributed import DistEnv, full_tensor, init_from_env, like, load_sharded, mesh_for
+from engine.train.forward import TrainForward, losses
 from engine.train.packing import PackedBatch, pack
 from engine.train.samples import ImageEncoder, Mixture, MixtureConfig
 
 SYSTEM_PROMPTS = {"inference": REFINE_SYSTEM_PROMPT, "train": REFINE_SYSTEM_PROMPT_TRAIN}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
 STATE_DIR = "train_state"
+# optimizer state as whole tensors keyed by parameter name, whatever the sharding it was saved under
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 @dataclass
@@ -73,6 +85,7 @@ class TrainConfig:
     # (weights, gradients, optimizer state and EMA stay float32)
     gradient_checkpointing: bool = False
     autocast_bf16: bool = False
+    grad_accum: int = 1  # packed batches of max_rows per step and rank, losses averaged
 
 
 def trainable_names(model: Bagel, cfg: TrainConfig) -> list[str]:
@@ -90,8 +103,13 @@ def trainable_names(model: Bagel, cfg: TrainConfig) -> list[str]:
 
 
 class Trainer:
-    def __init__(self, model: Bagel, cfg: TrainConfig) -> None:
+    """One optimisation step at a time. `root` is the module whose call runs the training forward: the
+    FSDP root when the model is sharded (`distributed.load_sharded`), else a plain `TrainForward`."""
+
+    def __init__(self, model: Bagel, cfg: TrainConfig, root: nn.Module | None = None) -> None:
         self.model, self.cfg = model.train(), cfg
+        self.root = (root or TrainForward(model)).train()
+        self.env = DistEnv.current()
         train = set(trainable_names(model, cfg))
         params = []
         for name, p in model.named_parameters():
@@ -110,13 +128,18 @@ class Trainer:
         model.language_model.model.gradient_checkpointing = cfg.gradient_checkpointing
         self.device_type = next(model.parameters()).device.type
 
-    def train_step(self, batch: PackedBatch) -> dict[str, float]:
+    def train_step(self, batch: PackedBatch | Sequence[PackedBatch]) -> dict[str, float]:
+        """One optimiser step on a packed batch, or on the mean loss of several (gradient accumulation)."""
         t0 = time.perf_counter()
-        with torch.autocast(self.device_type, torch.bfloat16, enabled=self.cfg.autocast_bf16):
-            out = forward(self.model, batch)
-        loss = losses(out, self.cfg.mse_weight, self.cfg.ce_weight)
+        micro = [batch] if isinstance(batch, PackedBatch) else list(batch)
         self.opt.zero_grad(set_to_none=True)
-        loss.total.backward()
+        parts = []
+        for b in micro:
+            with torch.autocast(self.device_type, torch.bfloat16, enabled=self.cfg.autocast_bf16):
+                out = self.root(b)
+            loss = losses(out, self.cfg.mse_weight, self.cfg.ce_weight)
+            (loss.total / len(micro)).backward()
+            parts.append(loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
@@ -124,12 +147,12 @@ class Trainer:
         self.step += 1
         dt = time.perf_counter() - t0
         return {
-            "loss": float(loss.total.detach()),
-            "mse": float(loss.mse),
-            "ce": float(loss.ce),
-            "grad_norm": float(grad_norm),
+            "loss": sum(float(p.total.detach()) for p in parts) / len(parts),
+            "mse": sum(float(p.mse) for p in parts) / len(parts),
+            "ce": sum(float(p.ce) for p in parts) / len(parts),
+            "grad_norm": float(full_tensor(grad_norm)),
             "lr": self.sched.get_last_lr()[0],
-            "rows_per_s": batch.num_rows / dt,
+            "rows_per_s": sum(b.num_rows for b in micro) / dt,
         }
 
     @torch.no_grad()
@@ -142,15 +165,26 @@ class Trainer:
                 self.ema[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
 
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's state dict with trained parameters replaced by their EMA."""
-        return {k: self.ema.get(k, v) for k, v in self.model.state_dict().items()}
+        """The model's full state dict with trained parameters replaced by their EMA (gathered when sharded:
+        every rank must call it)."""
+        return {k: full_tensor(self.ema.get(k, v)) for k, v in self.model.state_dict().items()}
 
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, out_dir: str | Path, init_dir: str | Path, vae_state: dict[str, torch.Tensor]) -> Path:
-        """Write an engine checkpoint (EMA weights) plus the resume state."""
+        """Write an engine checkpoint (EMA weights) plus the resume state. Sharded, every rank gathers and
+        only rank 0 writes."""
         out, init = Path(out_dir), Path(init_dir)
         dtype = getattr(torch, self.cfg.save_dtype)
+        ema = {k: v.cpu() for k, v in self.ema_state_dict().items()}
+        raw = {
+            k: full_tensor(v).detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()
+        }
+        ema_fp32 = {k: full_tensor(v).cpu().contiguous() for k, v in self.ema.items()}
+        opt = get_optimizer_state_dict(self.root, self.opt, options=FULL_STATE)
+        if not self.env.main:
+            dist.barrier()
+            return out
         out.mkdir(parents=True, exist_ok=True)
         for name, path in weight_files(init).items():
             if name != self.cfg.weights_name and out.resolve() != init.resolve():
@@ -158,18 +192,17 @@ class Trainer:
         for f in TOKENIZER_FILES:
             if (init / f).is_file() and out.resolve() != init.resolve():
                 shutil.copyfile(init / f, out / f)
-        save_checkpoint(
-            out, self.model.config, {self.cfg.weights_name: self.ema_state_dict()}, vae_state, dtype
-        )
+        save_checkpoint(out, self.model.config, {self.cfg.weights_name: ema}, vae_state, dtype)
         state = out / STATE_DIR
         state.mkdir(exist_ok=True)
-        raw = {k: v.detach().float().contiguous() for k, v in self.model.state_dict().items()}
         save_file(raw, str(state / "model.safetensors"))
-        save_file({k: v.contiguous() for k, v in self.ema.items()}, str(state / "ema_fp32.safetensors"))
-        torch.save({"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}, state / "optimizer.pt")
+        save_file(ema_fp32, str(state / "ema_fp32.safetensors"))
+        torch.save({"opt": opt, "sched": self.sched.state_dict()}, state / "optimizer.pt")
         (state / "state.json").write_text(
             json.dumps({"step": self.step, "config": asdict(self.cfg)}, indent=2)
         )
+        if self.env.sharded:
+            dist.barrier()
         return out
 
     def load_state(self, out_dir: str | Path) -> bool:
@@ -180,24 +213,30 @@ class Trainer:
         raw = load_file(str(state / "model.safetensors"))
         with torch.no_grad():
             for k, v in self.model.state_dict().items():
-                v.copy_(raw[k].to(v.dtype))
-        self.ema = {k: v for k, v in load_file(str(state / "ema_fp32.safetensors")).items()}
+                v.copy_(like(raw[k].to(v.dtype), v))
+        params = dict(self.model.named_parameters())
+        ema = load_file(str(state / "ema_fp32.safetensors"))
+        self.ema = {k: like(v, params[k]) for k, v in ema.items()}
         opt = torch.load(state / "optimizer.pt", weights_only=True)
-        self.opt.load_state_dict(opt["opt"])
+        set_optimizer_state_dict(self.root, self.opt, opt["opt"], options=FULL_STATE)
         self.sched.load_state_dict(opt["sched"])
         self.step = json.loads((state / "state.json").read_text())["step"]
         return True
+
+
+def weights_path(model_dir: Path, init_weights: str) -> Path:
+    files = weight_files(model_dir)
+    if init_weights not in files:
+        raise FileNotFoundError(f"{model_dir} has no {WEIGHT_FILES[init_weights]}")
+    return files[init_weights]
 
 
 def load_for_training(model_dir: str | Path, init_weights: str = "ema", device: str = "cpu"):
     """(model in float32 with trainable parameters, frozen VAE, tokenizer, config) from a checkpoint dir."""
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
-    files = weight_files(model_dir)
-    if init_weights not in files:
-        raise FileNotFoundError(f"{model_dir} has no {WEIGHT_FILES[init_weights]}")
     dev = torch.device(device)
-    model = load_bagel(files[init_weights], cfg, dev, torch.float32)
+    model = load_bagel(weights_path(model_dir, init_weights), cfg, dev, torch.float32)
     vae = load_vae(model_dir, cfg, dev, torch.float32)
     vae.requires_grad_(False)
     return model, vae, Tokenizer.from_dir(model_dir), cfg
@@ -216,8 +255,20 @@ def train(
     """Train from checkpoint `model_dir` on `records` ({"rvr"|"t2i"|"und": records}) into `out_dir`.
 
     Returns the trainer and the per-step metrics of this invocation."""
-    model, vae, tok, mcfg = load_for_training(model_dir, cfg.init_weights, device)
-    trainer = Trainer(model, cfg)
+    env, device = init_from_env(device)
+    if env.sharded:
+        model_dir = Path(model_dir)
+        mcfg = read_config(model_dir)
+        root = load_sharded(
+            weights_path(model_dir, cfg.init_weights), mcfg, device, mesh_for(device), TrainForward
+        )
+        model = root.model
+        vae = load_vae(model_dir, mcfg, torch.device(device), torch.float32).requires_grad_(False)
+        tok = Tokenizer.from_dir(model_dir)
+    else:
+        model, vae, tok, mcfg = load_for_training(model_dir, cfg.init_weights, device)
+        root = None
+    trainer = Trainer(model, cfg, root)
     if resume:
         trainer.load_state(out_dir)
     mix = Mixture(
@@ -235,12 +286,22 @@ def train(
     )
     vae_state = vae.state_dict()
     history: list[dict[str, float]] = []
-    bar = tqdm(range(trainer.step, cfg.steps), initial=trainer.step, total=cfg.steps, disable=not progress)
+    bar = tqdm(
+        range(trainer.step, cfg.steps),
+        initial=trainer.step,
+        total=cfg.steps,
+        disable=not progress or not env.main,
+    )
+    # Every micro-batch of every rank is its own draw; one process without accumulation keeps shard None.
+    shards = [env.rank * cfg.grad_accum + i for i in range(cfg.grad_accum)]
+    split = env.sharded or cfg.grad_accum > 1
     for step in bar:
-        samples = mix.batch(cfg.seed, step, cfg.max_rows, cfg.min_samples)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        batch = pack(samples, tok.vision_start_id, tok.vision_end_id, gen, cfg.timestep_shift)
-        m = trainer.train_step(batch)
+        batches = []
+        for shard in shards:
+            samples = mix.batch(cfg.seed, step, cfg.max_rows, cfg.min_samples, shard if split else None)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + (shard << 40))
+            batches.append(pack(samples, tok.vision_start_id, tok.vision_end_id, gen, cfg.timestep_shift))
+        m = trainer.train_step(batches)
         history.append(m)
         bar.set_postfix(
             loss=f"{m['loss']:.4f}",
@@ -253,3 +314,82 @@ def train(
     if not history and not (Path(out_dir) / STATE_DIR).is_dir():
         trainer.save(out_dir, model_dir, vae_state)
     return trainer, history
+
+
+def _mixture(text: str) -> dict[str, float]:
+    """ "rvr=2,und=1,t2i=1" -> {"rvr": 2.0, "und": 1.0, "t2i": 1.0}"""
+    out = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        if name not in ("rvr", "und", "t2i") or not weight:
+            raise argparse.ArgumentTypeError(f"bad mixture entry {part!r} (use rvr=W,und=W,t2i=W)")
+        out[name] = float(weight)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Fine-tune a checkpoint on release-format records; under `torchrun` the model is sharded over ranks:
+
+    torchrun --nproc-per-node 8 -m engine.train.trainer --model BAGEL-7B-MoT --data-root data \\
+        --rvr data/rvr/json/parquet_info.json --out runs/rvr --device cuda --bf16 --gradient-checkpointing
+    """
+    d = TrainConfig()
+    ap = argparse.ArgumentParser(
+        description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", required=True, help="engine checkpoint directory to start from")
+    ap.add_argument(
+        "--out", required=True, help="output checkpoint directory (resumes if it has a train state)"
+    )
+    ap.add_argument("--data-root", required=True, help="image paths in records are relative to this")
+    ap.add_argument("--rvr", help="refine records: parquet, jsonl, parquet_info.json or a directory")
+    ap.add_argument("--t2i", help="text-to-image records (image_list = [image], user_prompt)")
+    ap.add_argument("--und", help="understanding records (image, question, answer)")
+    ap.add_argument(
+        "--mixture", type=_mixture, default=d.mixture, help="group weights, e.g. rvr=2,und=1,t2i=1"
+    )
+    ap.add_argument("--steps", type=int, default=d.steps)
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    ap.add_argument("--adam-eps", type=float, default=d.eps)
+    ap.add_argument("--max-rows", type=int, default=d.max_rows, help="packed rows per micro-batch")
+    ap.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step and rank")
+    ap.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    ap.add_argument("--save-every", type=int, default=d.save_every)
+    ap.add_argument("--save-dtype", default=d.save_dtype, choices=("float32", "bfloat16"))
+    ap.add_argument("--init-weights", default=d.init_weights, choices=("ema", "rvr"))
+    ap.add_argument("--weights-name", default=d.weights_name, choices=("ema", "rvr"))
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (float32 master weights)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (each torchrun rank takes cuda:LOCAL_RANK)")
+    a = ap.parse_args(argv)
+    records = {k: read_records(getattr(a, k)) for k in ("rvr", "t2i", "und") if getattr(a, k)}
+    if not any(records.get(k) and a.mixture.get(k, 0) > 0 for k in records):
+        ap.error("no records for any group with a positive mixture weight (pass --rvr, --t2i or --und)")
+    cfg = TrainConfig(
+        steps=a.steps,
+        lr=a.lr,
+        warmup_steps=a.warmup_steps,
+        eps=a.adam_eps,
+        max_rows=a.max_rows,
+        grad_accum=a.grad_accum,
+        ema_decay=a.ema_decay,
+        save_every=a.save_every,
+        save_dtype=a.save_dtype,
+        init_weights=a.init_weights,
+        weights_name=a.weights_name,
+        seed=a.seed,
+        mixture=a.mixture,
+        gradient_checkpointing=a.gradient_checkpointing,
+        autocast_bf16=a.bf16,
+    )
+    try:
+        train(a.model, a.data_root, records, a.out, cfg, device=a.device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
