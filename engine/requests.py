@@ -22,7 +22,7 @@ MAX_SEED = 2**63 - 1
 class RequestLimits:
     max_prompt_tokens: int = 1024
     max_rounds: int = 8
-    default_generate_size: int | None = None  # None: the model's largest side (1024 for BAGEL)
+    default_generate_size: int | None = None  # None: the VAE rule's largest side (1024 for BAGEL)
 
 
 @dataclass
@@ -104,7 +104,8 @@ def _output_size(req: GenerationRequest, cfg: BagelConfig, limits: RequestLimits
     if req.image is not None:  # the input's VAE-rule size
         default_w, default_h = resize_dims(*req.image.size, cfg.vae_transform)
     else:
-        default_h = default_w = limits.default_generate_size or largest
+        # the VAE rule's largest side: what the model takes as input, 1024 for BAGEL
+        default_h = default_w = limits.default_generate_size or min(largest, cfg.vae_transform.max_size)
     h = req.height if req.height is not None else default_h
     w = req.width if req.width is not None else default_w
     for name, value in (("height", h), ("width", w)):

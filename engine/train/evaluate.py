@@ -144,12 +144,22 @@ def summarize(rows: list[dict], modes: Sequence[str], judge_threshold: float = 0
     # per prompt dimension: the fraction of (prompt, seed) pairs constraining it whose image satisfies it
     per_dim = {d: {m: sum(v) / len(v) for m, v in ms.items()} for d, ms in sorted(by_dim.items())}
     judge_agree = [(r["judge_p_yes"] >= judge_threshold) == r["ok_t2i"] for r in rows if "ok_t2i" in r]
+    # paired with the t2i image of the same (prompt, seed): what a mode fixed and what it broke
+    paired = {
+        m: {
+            "fixed": sum(1 for r in rows if not r.get("ok_t2i", True) and r.get(f"ok_{m}", False)),
+            "broke": sum(1 for r in rows if r.get("ok_t2i", False) and not r.get(f"ok_{m}", True)),
+        }
+        for m in modes
+        if m != "t2i"
+    }
     return {
         "n": len(rows),
         "mean_over_categories": mean,
         "pooled": pooled,
         "per_category": per_cat,
         "per_dimension": per_dim,
+        "vs_t2i": paired,
         "judge_agreement_with_checker": sum(judge_agree) / len(judge_agree) if judge_agree else None,
         "mean_rounds_until": sum(r["rounds_until"] for r in rows) / max(1, len(rows)),
         "rows": rows,
@@ -175,6 +185,11 @@ def format_summary(s: dict) -> str:
         lines.append("  " + f"{'pooled':<14}" + "".join(_cell(s["pooled"][m]) for m in modes))
     for d, ms in s.get("per_dimension", {}).items():
         lines.append("  " + f"{'dim ' + d:<14}" + "".join(_cell(ms.get(m)) for m in modes))
+    if s.get("vs_t2i"):
+        lines.append(
+            "  vs t2i (fixed/broke): "
+            + ", ".join(f"{m} {v['fixed']}/{v['broke']}" for m, v in s["vs_t2i"].items())
+        )
     if s["judge_agreement_with_checker"] is not None:
         lines.append(f"  judge agrees with checker on t2i images: {s['judge_agreement_with_checker']:.3f}")
     lines.append(f"  mean RvR rounds in rvr_until: {s['mean_rounds_until']:.2f}")

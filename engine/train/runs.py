@@ -163,6 +163,7 @@ PROFILES = {
         PROFILES["demo-simple"](),
         stages=_stage_cfgs((6000, 2000, 2000), 800, 0, judge_ce_weight=1.0),
         own_per_prompt=8,
+        eval_seeds=tuple(range(8)),
     ),
 }
 
@@ -212,12 +213,22 @@ def init_checkpoint(out: Path, run: RunConfig, ae_dir: Path, prompts: list[str])
     return out
 
 
-def export_checkpoint(src: Path, dst: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Copy an engine checkpoint without its train state, weight files cast to `dtype` (the VAE stays float32)."""
+def export_checkpoint(
+    src: Path, dst: Path, dtype: torch.dtype = torch.bfloat16, serve_size: int | None = None
+) -> Path:
+    """Copy an engine checkpoint without its train state, weight files cast to `dtype` (the VAE stays float32).
+
+    With `serve_size`, the VAE resize rule of the copy caps images at that side (the size the model was
+    trained at), so inputs of any size and generations without a size come out at it."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in SHIP_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
+    if serve_size is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        rule = {"max_size": serve_size, "min_size": serve_size // 2, "max_pixels": serve_size * serve_size}
+        cfg["vae_transform"] = {**cfg["vae_transform"], **rule}
+        (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     shutil.copyfile(src / "ae.safetensors", dst / "ae.safetensors")
     for name in WEIGHT_FILES.values():
         if (src / name).is_file():
@@ -332,7 +343,7 @@ def run_all(out: str | Path, run: RunConfig, stages: tuple[str, ...] = STAGES, p
                     )
         prev = stage_dir
     if "export" in stages:
-        prev = export_checkpoint(prev, out / "model")
+        prev = export_checkpoint(prev, out / "model", serve_size=run.image_size)
         # the held-out prompts travel with the model, so `rvr eval` on it needs no dataset
         (prev / "eval").mkdir(exist_ok=True)
         shutil.copyfile(data / "eval/heldout.jsonl", prev / "eval/heldout.jsonl")

@@ -225,12 +225,20 @@ def test_single_weight_mode_does_not_read_the_other_file(ckpt_copy):
     _assert_state_equals_file(eng.weight_sets["rvr"].model, ckpt_copy / "rvr.safetensors")
 
 
-def test_default_model_dir_builds_once(tmp_path):
-    from engine.loading import BUNDLED_MODEL, default_model_dir
+def test_default_model_dir_is_the_bundled_model_when_shipped(tmp_path, monkeypatch):
+    import engine.loading
+    from engine.loading import default_model_dir
 
-    if (BUNDLED_MODEL / "config.json").is_file():
-        assert default_model_dir(tmp_path) == BUNDLED_MODEL
-        return
+    shipped = make_checkpoint(tmp_path / "assets" / "demo", "tiny")
+    monkeypatch.setattr(engine.loading, "BUNDLED_MODEL", shipped)
+    assert default_model_dir(tmp_path / "cache") == shipped and not (tmp_path / "cache").exists()
+
+
+def test_default_model_dir_builds_a_tiny_model_once_without_one(tmp_path, monkeypatch):
+    import engine.loading
+    from engine.loading import default_model_dir
+
+    monkeypatch.setattr(engine.loading, "BUNDLED_MODEL", tmp_path / "not-shipped")
     path = default_model_dir(tmp_path)
     assert path.parent == tmp_path and (path / "ae.safetensors").is_file()
     stamp = (path / "ema.safetensors").stat().st_mtime_ns

@@ -48,6 +48,8 @@ def test_staged_run_end_to_end_and_resumes(tmp_path):
     ev = json.loads((out / "eval.json").read_text())
     assert set(ev["mean_over_categories"]) == set(MODES) and ev["n"] >= 1
     engine = load_engine(model, device="cpu", dtype="float32")
+    assert engine.cfg.vae_transform.max_size == 64  # serves at the world's size
+    assert engine.generate("a red circle", seed=0, steps=2).image.size == (64, 64)
     assert (
         0.0
         <= engine.judge([(engine.generate("a red circle", 64, 64, seed=0, steps=2).image, "a red circle")])[0]
@@ -74,6 +76,8 @@ def test_summary_is_mean_over_categories():
     assert s["mean_over_categories"] == {"t2i": 0.25, "rvr1": 0.5}
     assert s["judge_agreement_with_checker"] == 1.0
     assert s["mean_rounds_until"] == pytest.approx(4 / 3)
+    assert s["pooled"] == {"t2i": pytest.approx(1 / 3), "rvr1": pytest.approx(2 / 3)}
+    assert s["vs_t2i"] == {"rvr1": {"fixed": 1, "broke": 0}}
 
 
 def test_demo_simple_profile_is_a_one_group_world_with_honest_heldout():
