@@ -26,7 +26,7 @@ from PIL import Image
 from engine.preprocess import tensor_to_pil, to_tensor
 from engine.train.checker import check
 from engine.train.dataset import read_specs
-from engine.train.prompts import PromptSpec, sample_scene
+from engine.train.prompts import PromptSpec, random_scene, sample_scene
 from engine.train.world import DEFAULT_SIZE, render
 from engine.types import GenerationRequest, SamplingParams
 
@@ -127,6 +127,32 @@ def autoencoder_ceiling(vae, specs: Sequence[PromptSpec], seed: int = 0, size: i
     }
 
 
+def prompt_blind(
+    specs: Sequence[PromptSpec], seed: int = 0, size: int = DEFAULT_SIZE, per_spec: int = 8
+) -> dict:
+    """Chance level: checker scores of random scenes that ignore the prompt (1-5 objects of random shape,
+    colour and size), pooled and per prompt dimension, on the same prompts."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for spec in specs:
+        for _ in range(per_spec):
+            lab = check(render(random_scene(rng), size, rng, jitter=1.0), spec)
+            rows.append(
+                {
+                    "category": spec.category,
+                    "judge_p_yes": 0.0,
+                    "rounds_until": 0,
+                    "ok_blind": lab["overall"],
+                    "dims_blind": {d: lab[d] for d in spec.dims},
+                }
+            )
+    s = summarize(rows, ("blind",))
+    return {
+        "pooled": s["pooled"]["blind"],
+        "per_dimension": {d: v["blind"] for d, v in s["per_dimension"].items()},
+    }
+
+
 def summarize(rows: list[dict], modes: Sequence[str], judge_threshold: float = 0.5) -> dict:
     by_cat: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -193,6 +219,10 @@ def format_summary(s: dict) -> str:
     if s["judge_agreement_with_checker"] is not None:
         lines.append(f"  judge agrees with checker on t2i images: {s['judge_agreement_with_checker']:.3f}")
     lines.append(f"  mean RvR rounds in rvr_until: {s['mean_rounds_until']:.2f}")
+    if "prompt_blind" in s:
+        b = s["prompt_blind"]
+        dims = ", ".join(f"{d} {v:.3f}" for d, v in b["per_dimension"].items())
+        lines.append(f"  chance (prompt-blind random scenes): pooled {b['pooled']:.3f}; {dims}")
     if "autoencoder_ceiling" in s:
         lines.append(
             f"  autoencoder round-trip ceiling: {s['autoencoder_ceiling']['mean_over_categories']:.3f}"
@@ -227,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     s = mini_geneval(
         engine, specs, range(a.seeds), generate_params=params, refine_params=params, save_dir=a.save_dir
     )
+    s["prompt_blind"] = prompt_blind(specs)
     print(format_summary(s))
     if a.json:
         Path(a.json).write_text(json.dumps(s, indent=2))

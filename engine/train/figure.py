@@ -58,19 +58,38 @@ def refine_examples(run: Path, n: int = 4) -> list[tuple[str, Image.Image, Image
     return out
 
 
-def draw_grid(rows: list[tuple[str, Image.Image, Image.Image]], scale: int = 3) -> Image.Image:
+def paired_caption(run: Path) -> str:
+    """What one RvR round did to all held-out samples, so the chosen examples are read in proportion."""
+    ev = json.loads((run / "eval.json").read_text())
+    rows = ev["rows"]
+    failed = sum(1 for r in rows if not r["ok_t2i"])
+    fixed = sum(1 for r in rows if not r["ok_t2i"] and r["ok_rvr1"])
+    broke = sum(1 for r in rows if r["ok_t2i"] and not r["ok_rvr1"])
+    return (
+        f"RvR x1 on all {len(rows)} held-out samples: fixed {fixed} of {failed} rejected T2I images, "
+        f"broke {broke} of {len(rows) - failed} accepted"
+    )
+
+
+def draw_grid(
+    rows: list[tuple[str, Image.Image, Image.Image]], scale: int = 3, caption: str | None = None
+) -> Image.Image:
+    """Rows of (prompt, T2I image, RvR image); `caption` (e.g. the run's fixed/broke counts) goes on top."""
     cell = rows[0][1].width * scale
     text_w, pad, head = 300, 10, 30
+    top = 28 if caption else 0
     W = text_w + 2 * (cell + pad) + pad
-    H = head + len(rows) * (cell + pad) + pad
+    H = top + head + len(rows) * (cell + pad) + pad
     fig = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(fig)
     f, fb = _font(16), _font(18)
-    d.text((pad, 6), "held-out prompt", fill="black", font=fb)
-    d.text((text_w, 6), "T2I: rejected", fill="black", font=fb)
-    d.text((text_w + cell + pad, 6), "RvR x1: accepted", fill="black", font=fb)
+    if caption:
+        d.text((pad, 6), caption, fill="black", font=f)
+    d.text((pad, top + 6), "held-out prompt", fill="black", font=fb)
+    d.text((text_w, top + 6), "T2I: rejected", fill="black", font=fb)
+    d.text((text_w + cell + pad, top + 6), "RvR x1: accepted", fill="black", font=fb)
     for i, (prompt, t2i, rvr) in enumerate(rows):
-        y = head + i * (cell + pad)
+        y = top + head + i * (cell + pad)
         d.text((pad, y + cell // 2 - 10), f'"{prompt}"', fill="black", font=f)
         fig.paste(t2i.resize((cell, cell), Image.NEAREST), (text_w, y))
         fig.paste(rvr.resize((cell, cell), Image.NEAREST), (text_w + cell + pad, y))
@@ -89,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     if not rows:
         raise SystemExit("no held-out prompt where RvR fixed the T2I image")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    draw_grid(rows).save(a.out)
+    draw_grid(rows, caption=paired_caption(Path(a.run))).save(a.out)
     print(f"{len(rows)} rows -> {a.out}")
 
 

@@ -40,7 +40,13 @@ from engine.tiny import preset
 from engine.tokenizer import Tokenizer, write_tiny_tokenizer
 from engine.train.autoencoder import AETrainConfig, train_autoencoder
 from engine.train.dataset import build_world_dataset, read_records, read_specs
-from engine.train.evaluate import autoencoder_ceiling, format_summary, load_heldout, mini_geneval
+from engine.train.evaluate import (
+    autoencoder_ceiling,
+    format_summary,
+    load_heldout,
+    mini_geneval,
+    prompt_blind,
+)
 from engine.train.own_samples import own_t2i_records, write_own_dataset
 from engine.train.prompts import CATEGORIES
 from engine.train.trainer import TOKENIZER_FILES, TrainConfig, train
@@ -369,6 +375,7 @@ def run_all(out: str | Path, run: RunConfig, stages: tuple[str, ...] = STAGES, p
             refine_params=params,
         )
         summary["autoencoder_ceiling"] = autoencoder_ceiling(engine.vae, specs, run.seed, run.image_size)
+        summary["prompt_blind"] = prompt_blind(specs, run.seed, run.image_size)
         (out / "eval.json").write_text(json.dumps(summary, indent=2))
         if progress:
             print(format_summary(summary))

@@ -94,3 +94,7 @@ def test_refine_figure_grid_draws_prompt_and_both_images():
     im = Image.new("RGB", (8, 8), "red")
     fig = draw_grid([("a red circle", im, im), ("two squares", im, im)], scale=2)
     assert fig.width > 2 * 16 and fig.height > 2 * 16
+    captioned = draw_grid(
+        [("a red circle", im, im), ("two squares", im, im)], scale=2, caption="fixed 1 of 2"
+    )
+    assert captioned.width == fig.width and captioned.height > fig.height
