@@ -6,7 +6,9 @@ Modes, per prompt and seed (all images at the world's size):
                  more generation, like one RvR round;
 - `rvr1`/`rvr2`  RvR regeneration of the `t2i` image, one and two rounds (each output fed back);
 - `rvr_until`    the judge looks at the `t2i` image; if it rejects it (p(yes) < threshold), RvR rounds run
-                 until the judge accepts, at most `max_rounds`.
+                 until the judge accepts, at most `max_rounds`;
+- `reroll_rvr_weights` (with `rvr_weights_engine`) the re-roll drawn from the RvR weights: RvR fine-tuning
+                 also trains text-to-image, so this separates "more training" from "refinement".
 Scores follow GenEval: the fraction of prompts whose image the checker accepts, per category, and the
 mean over categories. The judge's agreement with the checker on the `t2i` images is reported too.
 """
@@ -49,9 +51,12 @@ def mini_geneval(
     generate_params: dict | None = None,
     refine_params: dict | None = None,
     save_dir: str | Path | None = None,
+    rvr_weights_engine=None,
 ) -> dict:
     """Run every mode on every (prompt, seed); returns scores and per-sample records."""
     gp, rp = generate_params or {}, refine_params or {}
+    if rvr_weights_engine is not None:
+        modes = (*modes, "reroll_rvr_weights")
     rows = []
     for i, spec in enumerate(specs):
         for seed in seeds:
@@ -61,6 +66,10 @@ def mini_geneval(
             imgs["t2i"] = t2i
             if "t2i_reroll" in modes:
                 imgs["t2i_reroll"] = engine.generate(
+                    prompt, size, size, seed=seed + REROLL_OFFSET, **gp
+                ).image
+            if rvr_weights_engine is not None:
+                imgs["reroll_rvr_weights"] = rvr_weights_engine.generate(
                     prompt, size, size, seed=seed + REROLL_OFFSET, **gp
                 ).image
             if "rvr1" in modes or "rvr2" in modes:

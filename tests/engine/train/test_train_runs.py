@@ -46,7 +46,7 @@ def test_staged_run_end_to_end_and_resumes(tmp_path):
     assert (model / "ema.safetensors").is_file() and (model / "rvr.safetensors").is_file()
     assert report["stages"]["export"]["bytes"] < 25 * 2**20
     ev = json.loads((out / "eval.json").read_text())
-    assert set(ev["mean_over_categories"]) == set(MODES) and ev["n"] >= 1
+    assert set(ev["mean_over_categories"]) == {*MODES, "reroll_rvr_weights"} and ev["n"] >= 1
     engine = load_engine(model, device="cpu", dtype="float32")
     assert engine.cfg.vae_transform.max_size == 64  # serves at the world's size
     assert engine.generate("a red circle", seed=0, steps=2).image.size == (64, 64)
