@@ -195,21 +195,32 @@ def build_t2i_records(
     jitter: float = 1.0,
     per_prompt: int = 1,
     image_dir: str = "images/t2i",
+    caption_noise: float = 0.0,
 ) -> list[dict]:
-    """Faithful renders (checker-verified) as T2I targets: `image_list` = [image], `user_prompt`."""
+    """T2I targets: `image_list` = [image], `user_prompt`, `noisy`.
+
+    Faithful renders, checker-verified. With `caption_noise` > 0 that fraction of images instead breaks one
+    of the caption's dimensions and is kept unfiltered (`noisy` True): pretraining captions scraped with
+    their images describe them imperfectly, which is what the paper's checked refine data corrects."""
     root = Path(root)
     records = []
     for spec in specs:
         rng = prompt_rng(seed + 1, spec.text)
         key = prompt_key(spec.text)
         for j in range(per_prompt):
-            img = render(sample_scene(spec, rng), size, rng, jitter)
-            if not check(img, spec)["overall"]:
+            noisy = caption_noise > 0 and rng.random() < caption_noise
+            violate = sample_violation(spec, rng, max_dims=1) if noisy else ()
+            try:
+                img = render(sample_scene(spec, rng, violate), size, rng, jitter)
+            except PlacementError:
+                continue
+            if not noisy and not check(img, spec)["overall"]:
                 continue  # the checker is the filter, as in the paper's pipeline
             records.append(
                 {
                     "image_list": [save_image(img, root, f"{image_dir}/{key}_{j}.png")],
                     "user_prompt": [spec.text],
+                    "noisy": noisy,
                 }
             )
     return records
@@ -377,11 +388,12 @@ def build_world_dataset(
     max_groups: int = 2,
     pairs_per_prompt: int = 1,
     t2i_per_prompt: int = 1,
+    caption_noise: float = 0.0,
 ) -> dict:
     """Build every training set of the world under `out`:
 
     - `rvr/data/rvr.parquet` (+ `rvr/json/parquet_info.json`): refine pairs from training prompts;
-    - `t2i/data/t2i.parquet`: faithful renders of training prompts;
+    - `t2i/data/t2i.parquet`: renders of training prompts (`caption_noise` of them mis-captioned);
     - `und/und.jsonl`: yes/no judge samples from the refine pairs;
     - `train_specs.jsonl`: the training specs (for stages that sample the model on them);
     - `eval/heldout.jsonl`: the held-out specs (never used above), for mini-GenEval.
@@ -397,7 +409,8 @@ def build_world_dataset(
     rvr_file = write_records(refine, out / "rvr/data/rvr.parquet")
     write_parquet_info([rvr_file], out / "rvr/json/parquet_info.json")
     write_records(
-        build_t2i_records(train, out, seed, size, per_prompt=t2i_per_prompt), out / "t2i/data/t2i.parquet"
+        build_t2i_records(train, out, seed, size, per_prompt=t2i_per_prompt, caption_noise=caption_noise),
+        out / "t2i/data/t2i.parquet",
     )
     write_records(build_understanding_records(refine), out / "und/und.jsonl")
     write_records(spec_records(train), out / "train_specs.jsonl")

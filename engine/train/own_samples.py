@@ -53,7 +53,8 @@ def own_t2i_records(
     root = Path(root)
     renders: dict[str, list[str]] = defaultdict(list)
     for r in t2i_records:
-        renders[first_prompt(r["user_prompt"])].append(parse_image_list(r["image_list"])[0])
+        if not r.get("noisy", False):  # aligned images are checker-verified renders only
+            renders[first_prompt(r["user_prompt"])].append(parse_image_list(r["image_list"])[0])
     sampling = SamplingParams.for_task("generate", **(params or {}))
     requests, owners = [], []
     for spec in specs:

@@ -8,10 +8,12 @@ from PIL import Image
 from engine.train.checker import check
 from engine.train.dataset import (
     build_refine_records,
+    build_t2i_records,
     build_understanding_records,
     build_world_dataset,
     hook_source,
     load_refine_sample,
+    open_rgb,
     read_records,
     sample_prompt_pool,
     write_parquet_info,
@@ -91,3 +93,18 @@ def test_simple_world_pool_and_several_pairs_per_prompt(tmp_path):
     paths = [p for r in records for p in r["image_list"]]
     assert len(set(paths)) == len(paths)  # every pair has its own images
     assert len({r["user_prompt"][0] for r in records}) == 2
+
+
+def test_caption_noise_breaks_one_dimension_of_that_fraction_of_t2i_images(tmp_path):
+    specs = sample_prompt_pool(12, 0, ("colors",), 3, ("count", "position"), max_groups=1)
+    clean = build_t2i_records(specs, tmp_path / "clean", seed=0, per_prompt=8)
+    assert clean and not any(r["noisy"] for r in clean)
+    noisy = build_t2i_records(specs, tmp_path / "noisy", seed=0, per_prompt=8, caption_noise=0.3)
+    by_text = {s.text: s for s in specs}
+    flags = [r["noisy"] for r in noisy]
+    assert 0.15 < sum(flags) / len(flags) < 0.45
+    for r in noisy:
+        labels = check(open_rgb(tmp_path / "noisy" / r["image_list"][0]), by_text[r["user_prompt"][0]])
+        # a clean image satisfies its caption; a noisy one breaks at least one of the caption's dimensions
+        broken = [d for d in by_text[r["user_prompt"][0]].dims if not labels[d]]
+        assert labels["overall"] if not r["noisy"] else len(broken) >= 1
