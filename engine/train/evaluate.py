@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -239,6 +240,53 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+MODE_LABELS = {
+    "t2i": "text-to-image",
+    "t2i_reroll": "text-to-image re-rolled (new seed)",
+    "reroll_rvr_weights": "re-roll from the RvR weights (control)",
+    "rvr1": "RvR, 1 round",
+    "rvr2": "RvR, 2 rounds",
+    "rvr_until": "RvR until the judge accepts (<= 3)",
+}
+
+
+def markdown_table(s: dict) -> str:
+    """The paper-style table: one row per mode; pooled, per prompt dimension, and fixed/broke vs t2i."""
+    modes = list(s["pooled"])
+    dims = list(s.get("per_dimension", {}))
+    head = ["mode", f"overall ({s['n']})", *dims, "fixed / broke vs T2I"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    for m in modes:
+        vs = s.get("vs_t2i", {}).get(m)
+        cells = [
+            MODE_LABELS.get(m, m),
+            fmt(s["pooled"][m]),
+            *(fmt(s["per_dimension"][d].get(m)) for d in dims),
+            f"{vs['fixed']} / {vs['broke']}" if vs else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if "prompt_blind" in s:
+        b = s["prompt_blind"]
+        cells = [
+            "chance (prompt-blind random scenes)",
+            fmt(b["pooled"]),
+            *(fmt(b["per_dimension"].get(d)) for d in dims),
+            "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if s.get("judge_agreement_with_checker") is not None:
+        lines.append("")
+        lines.append(
+            f"Judge agrees with the checker on {s['judge_agreement_with_checker']:.3f} of the T2I images; "
+            f"RvR-until used {s['mean_rounds_until']:.2f} rounds on average."
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     from engine.loading import default_model_dir, load_engine
 
@@ -255,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the engine's)")
     ap.add_argument("--save-dir", default=None)
     ap.add_argument("--json", default=None, help="write the full summary here")
+    ap.add_argument("--markdown", default=None, help="append the table (with this command) to this file")
     a = ap.parse_args(argv)
     model = Path(a.model) if a.model else default_model_dir()
     data = Path(a.data) if a.data else model
@@ -270,6 +319,10 @@ def main(argv: list[str] | None = None) -> None:
     print(format_summary(s))
     if a.json:
         Path(a.json).write_text(json.dumps(s, indent=2))
+    if a.markdown:
+        command = "rvr eval " + " ".join(argv if argv is not None else sys.argv[1:])
+        with open(a.markdown, "a") as f:
+            f.write(f"\n`{command}` (model {model}):\n\n{markdown_table(s)}\n")
 
 
 if __name__ == "__main__":

@@ -66,8 +66,8 @@ def paired_caption(run: Path) -> str:
     fixed = sum(1 for r in rows if not r["ok_t2i"] and r["ok_rvr1"])
     broke = sum(1 for r in rows if r["ok_t2i"] and not r["ok_rvr1"])
     return (
-        f"RvR x1 on all {len(rows)} held-out samples: fixed {fixed} of {failed} rejected T2I images, "
-        f"broke {broke} of {len(rows) - failed} accepted"
+        f"RvR x1 on all {len(rows)} held-out samples:\n"
+        f"fixed {fixed} of {failed} rejected T2I images, broke {broke} of {len(rows) - failed} accepted"
     )
 
 
@@ -77,14 +77,14 @@ def draw_grid(
     """Rows of (prompt, T2I image, RvR image); `caption` (e.g. the run's fixed/broke counts) goes on top."""
     cell = rows[0][1].width * scale
     text_w, pad, head = 300, 10, 30
-    top = 28 if caption else 0
+    top = 22 * len(caption.splitlines()) + 8 if caption else 0
     W = text_w + 2 * (cell + pad) + pad
     H = top + head + len(rows) * (cell + pad) + pad
     fig = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(fig)
     f, fb = _font(16), _font(18)
     if caption:
-        d.text((pad, 6), caption, fill="black", font=f)
+        d.multiline_text((pad, 6), caption, fill="black", font=f, spacing=4)
     d.text((pad, top + 6), "held-out prompt", fill="black", font=fb)
     d.text((text_w, top + 6), "T2I: rejected", fill="black", font=fb)
     d.text((text_w + cell + pad, top + 6), "RvR x1: accepted", fill="black", font=fb)

@@ -44,6 +44,7 @@ from engine.train.evaluate import (
     autoencoder_ceiling,
     format_summary,
     load_heldout,
+    markdown_table,
     mini_geneval,
     prompt_blind,
 )
@@ -412,6 +413,7 @@ def run_all(out: str | Path, run: RunConfig, stages: tuple[str, ...] = STAGES, p
         summary["autoencoder_ceiling"] = autoencoder_ceiling(engine.vae, specs, run.seed, run.image_size)
         summary["prompt_blind"] = prompt_blind(specs, run.seed, run.image_size)
         (out / "eval.json").write_text(json.dumps(summary, indent=2))
+        (out / "eval.md").write_text(markdown_table(summary) + "\n")
         if progress:
             print(format_summary(summary))
         done("eval", seconds=time.time() - t0, **{k: v for k, v in summary.items() if k != "rows"})

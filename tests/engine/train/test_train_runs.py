@@ -56,7 +56,25 @@ def test_staged_run_end_to_end_and_resumes(tmp_path):
         <= 1
     )
     # the exported model carries its held-out prompts: `rvr eval --model DIR` needs no dataset
-    eval_main(["--model", str(model), "--limit", "1", "--steps", "2", "--json", str(tmp_path / "ev.json")])
+    md = tmp_path / "results.md"
+    md.write_text("# results\n")
+    eval_main(
+        [
+            "--model",
+            str(model),
+            "--limit",
+            "1",
+            "--steps",
+            "2",
+            "--json",
+            str(tmp_path / "ev.json"),
+            "--markdown",
+            str(md),
+        ]
+    )
+    table = md.read_text()
+    assert table.startswith("# results\n") and "`rvr eval --model" in table and "| RvR, 1 round |" in table
+    assert (out / "eval.md").read_text().startswith("| mode | overall")
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert ev["n"] == 1 and set(ev["pooled"]) == set(MODES) and "object" in ev["per_dimension"]
     # a second invocation finds every stage done and changes nothing
