@@ -201,10 +201,17 @@ PROFILES = {
         own_per_prompt=16,
         eval_seeds=tuple(range(16)),
     ),
-    # The bundled model (engine/assets/demo): the single-object world with web-like pretraining captions
-    # (30 % of T2I images break one caption dimension, unfiltered), as BAGEL's base was pretrained on
-    # scraped captions; the judge and RvR data stay checker-verified, as the paper builds them.
-    "bundled": lambda: replace(PROFILES["single"](), caption_noise=0.3),
+    # The single-object world with web-like pretraining captions (30 % of T2I images break one caption
+    # dimension, unfiltered), as BAGEL's base was pretrained on scraped captions; the judge and RvR data
+    # stay checker-verified, as the paper builds them.
+    "noisy-captions": lambda: replace(PROFILES["single"](), caption_noise=0.3),
+    # The bundled model (engine/assets/demo): `single` with a 5,000-step RvR stage.
+    "bundled": lambda: replace(
+        PROFILES["single"](),
+        stages=_stage_cfgs(
+            (6000, 2000, 5000), 800, 0, judge_ce_weight=1.0, timestep_shift=1.0, finetune_lr=3e-4
+        ),
+    ),
 }
 
 

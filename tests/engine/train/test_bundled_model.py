@@ -41,6 +41,6 @@ def test_rvr_eval_on_the_bundled_model_beats_chance(tmp_path, capsys):
     ev = json.loads(out.read_text())
     blind = ev["prompt_blind"]
     assert ev["n"] == 30
-    assert ev["pooled"]["t2i"] >= blind["pooled"] + 0.2
+    assert ev["pooled"]["t2i"] >= blind["pooled"] + 0.25
     for dim in ("color", "size"):
-        assert ev["per_dimension"][dim]["t2i"] >= blind["per_dimension"][dim] + 0.15, dim
+        assert ev["per_dimension"][dim]["t2i"] >= blind["per_dimension"][dim] + 0.2, dim
