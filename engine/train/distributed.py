@@ -73,11 +73,6 @@ def shard_units(model: Bagel, mesh: DeviceMesh) -> None:
         fully_shard(layer, mesh=mesh)
 
 
-def shard_root(step_module: nn.Module, mesh: DeviceMesh) -> None:
-    """The module whose call runs the training forward owns every parameter outside the layers."""
-    fully_shard(step_module, mesh=mesh)
-
-
 def load_sharded(weights: Path, cfg: BagelConfig, device: str, mesh: DeviceMesh, wrap) -> nn.Module:
     """Build on meta, shard (`wrap(model)` returns the root module to shard), then fill each rank's
     shards tensor by tensor from the memory-mapped file. Returns the root module (model at `.model`)."""
@@ -86,7 +81,8 @@ def load_sharded(weights: Path, cfg: BagelConfig, device: str, mesh: DeviceMesh,
     check_keys(weights, {k: tuple(v.shape) for k, v in model.state_dict().items()}, read_shapes(weights), cfg)
     shard_units(model, mesh)
     root = wrap(model)
-    shard_root(root, mesh)
+    # the module whose call runs the forward owns every parameter outside the layers
+    fully_shard(root, mesh=mesh)
     root.to_empty(device=device)
     with safe_open(str(weights), framework="pt", device="cpu") as f, torch.no_grad():
         for name, param in model.named_parameters():

@@ -165,13 +165,11 @@ def prompt_blind(
 
 def summarize(rows: list[dict], modes: Sequence[str], judge_threshold: float = 0.5) -> dict:
     by_cat: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    by_dim: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         for m in modes:
             if f"ok_{m}" in r:
                 by_cat[r["category"]][m].append(r[f"ok_{m}"])
-    by_dim: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        for m in modes:
             for d, ok in r.get(f"dims_{m}", {}).items():
                 by_dim[d][m].append(ok)
     per_cat = {c: {m: sum(v) / len(v) for m, v in ms.items()} for c, ms in sorted(by_cat.items())}

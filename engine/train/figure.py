@@ -61,13 +61,11 @@ def refine_examples(run: Path, n: int = 4) -> list[tuple[str, Image.Image, Image
 def paired_caption(run: Path) -> str:
     """What one RvR round did to all held-out samples, so the chosen examples are read in proportion."""
     ev = json.loads((run / "eval.json").read_text())
-    rows = ev["rows"]
-    failed = sum(1 for r in rows if not r["ok_t2i"])
-    fixed = sum(1 for r in rows if not r["ok_t2i"] and r["ok_rvr1"])
-    broke = sum(1 for r in rows if r["ok_t2i"] and not r["ok_rvr1"])
+    n, vs = ev["n"], ev["vs_t2i"]["rvr1"]
+    failed = sum(not r["ok_t2i"] for r in ev["rows"])
     return (
-        f"RvR x1 on all {len(rows)} held-out samples:\n"
-        f"fixed {fixed} of {failed} rejected T2I images, broke {broke} of {len(rows) - failed} accepted"
+        f"RvR x1 on all {n} held-out samples:\n"
+        f"fixed {vs['fixed']} of {failed} rejected T2I images, broke {vs['broke']} of {n - failed} accepted"
     )
 
 

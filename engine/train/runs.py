@@ -133,6 +133,10 @@ def _stage_cfgs(
     }
 
 
+def _with_rvr_steps(run: RunConfig, steps: int) -> RunConfig:
+    return replace(run, stages={**run.stages, "rvr": replace(run.stages["rvr"], steps=steps)})
+
+
 PROFILES = {
     # seconds: the whole pipeline on a handful of prompts (tests)
     "smoke": lambda: RunConfig(
@@ -206,12 +210,7 @@ PROFILES = {
     # stay checker-verified, as the paper builds them.
     "noisy-captions": lambda: replace(PROFILES["single"](), caption_noise=0.3),
     # The bundled model (engine/assets/demo): `single` with a 5,000-step RvR stage.
-    "bundled": lambda: replace(
-        PROFILES["single"](),
-        stages=_stage_cfgs(
-            (6000, 2000, 5000), 800, 0, judge_ce_weight=1.0, timestep_shift=1.0, finetune_lr=3e-4
-        ),
-    ),
+    "bundled": lambda: _with_rvr_steps(PROFILES["single"](), 5000),
 }
 
 
@@ -290,13 +289,15 @@ def export_checkpoint(
 
 def _records(data: Path) -> dict[str, list[dict]]:
     """The world's records, plus the `own` stage's refine pairs and judge samples when it ran."""
-    own = data / "own"
+
+    def own(name: str) -> list[dict]:
+        path = data / "own" / name
+        return read_records(path) if path.is_file() else []
+
     return {
-        "rvr": read_records(data / "rvr/json/parquet_info.json")
-        + (read_records(own / "rvr.parquet") if (own / "rvr.parquet").is_file() else []),
+        "rvr": read_records(data / "rvr/json/parquet_info.json") + own("rvr.parquet"),
         "t2i": read_records(data / "t2i/data/t2i.parquet"),
-        "und": read_records(data / "und/und.jsonl")
-        + (read_records(own / "und.jsonl") if (own / "und.jsonl").is_file() else []),
+        "und": read_records(data / "und/und.jsonl") + own("und.jsonl"),
     }
 
 

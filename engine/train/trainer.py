@@ -176,11 +176,12 @@ class Trainer:
         only rank 0 writes."""
         out, init = Path(out_dir), Path(init_dir)
         dtype = getattr(torch, self.cfg.save_dtype)
-        ema = {k: v.cpu() for k, v in self.ema_state_dict().items()}
+        # each sharded tensor is gathered once: the raw weights, and the EMA of the trained ones
         raw = {
             k: full_tensor(v).detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()
         }
         ema_fp32 = {k: full_tensor(v).cpu().contiguous() for k, v in self.ema.items()}
+        ema = {k: ema_fp32.get(k, v) for k, v in raw.items()}
         opt = get_optimizer_state_dict(self.root, self.opt, options=FULL_STATE)
         if not self.env.main:
             dist.barrier()
