@@ -39,7 +39,14 @@ from engine.prompts import JUDGE_QUESTION, REFINE_PROMPT, REFINE_SYSTEM_PROMPT, 
 from engine.tiny import preset
 from engine.tokenizer import Tokenizer, write_tiny_tokenizer
 from engine.train.autoencoder import AETrainConfig, train_autoencoder
-from engine.train.dataset import build_world_dataset, read_records, read_specs
+from engine.train.dataset import (
+    build_world_dataset,
+    first_prompt,
+    parse_image_list,
+    read_records,
+    read_specs,
+    understanding_question,
+)
 from engine.train.evaluate import (
     autoencoder_ceiling,
     format_summary,
@@ -49,6 +56,7 @@ from engine.train.evaluate import (
     prompt_blind,
 )
 from engine.train.own_samples import own_t2i_records, write_own_dataset
+from engine.train.pairing import aligned_pools, keep_pairs, pair_nearest
 from engine.train.prompts import CATEGORIES
 from engine.train.trainer import TOKENIZER_FILES, TrainConfig, train
 
@@ -83,6 +91,13 @@ class RunConfig:
     t2i_per_prompt: int = 1
     own_per_prompt: int = 0  # samples of the T2I stage per training prompt (0: no `own` stage)
     caption_noise: float = 0.0  # fraction of T2I pretraining images that break one caption dimension
+    # the aligned image of each RvR pair: "random" as drawn, or "nearest" to its misaligned image among the
+    # prompt's aligned candidates (pairing.py); only the RvR stage reads refine pairs, so T2I and judge
+    # stages are the same either way
+    rvr_pairing: str = "random"
+    # aligned inputs the RvR stage also learns to keep (pairing.keep_pairs; needs "nearest"): "own" aligned
+    # samples of the T2I stage, the "world" pairs' aligned renders
+    rvr_keep: tuple[str, ...] = ()
 
 
 def _stage_cfgs(
@@ -287,18 +302,36 @@ def export_checkpoint(
     return dst
 
 
-def _records(data: Path) -> dict[str, list[dict]]:
+def _records(data: Path, pairing: str = "random", keep: tuple[str, ...] = ()) -> dict[str, list[dict]]:
     """The world's records, plus the `own` stage's refine pairs and judge samples when it ran."""
+    if pairing not in ("random", "nearest"):
+        raise ValueError(f"rvr_pairing must be 'random' or 'nearest', got {pairing!r}")
+    if keep and (pairing != "nearest" or not set(keep) <= {"own", "world"}):
+        raise ValueError(f"rvr_keep must be a subset of ('own', 'world') with nearest pairing, got {keep!r}")
 
     def own(name: str) -> list[dict]:
         path = data / "own" / name
         return read_records(path) if path.is_file() else []
 
-    return {
-        "rvr": read_records(data / "rvr/json/parquet_info.json") + own("rvr.parquet"),
-        "t2i": read_records(data / "t2i/data/t2i.parquet"),
-        "und": read_records(data / "und/und.jsonl") + own("und.jsonl"),
-    }
+    t2i, world, own_und = (
+        read_records(data / "t2i/data/t2i.parquet"),
+        read_records(data / "rvr/json/parquet_info.json"),
+        own("und.jsonl"),
+    )
+    rvr = world + own("rvr.parquet")
+    if pairing == "nearest":
+        pools = aligned_pools(t2i)
+        rvr = pair_nearest(rvr, pools, data)
+        aligned = []
+        if "own" in keep:
+            prompt_of = {
+                understanding_question(s.text): s.text for s in read_specs(data / "train_specs.jsonl")
+            }
+            aligned += [(r["image"], prompt_of[r["question"]]) for r in own_und if r["answer"] == "Yes"]
+        if "world" in keep:
+            aligned += [(parse_image_list(r["image_list"])[1], first_prompt(r["user_prompt"])) for r in world]
+        rvr += keep_pairs(aligned, pools, data)
+    return {"rvr": rvr, "t2i": t2i, "und": read_records(data / "und/und.jsonl") + own_und}
 
 
 def own_stage(data: Path, t2i_dir: Path, run: RunConfig) -> dict:
@@ -378,7 +411,7 @@ def run_all(out: str | Path, run: RunConfig, stages: tuple[str, ...] = STAGES, p
         if stage in stages:
             state = stage_dir / "train_state" / "state.json"
             if not state.is_file() or json.loads(state.read_text())["step"] < cfg.steps:
-                records = records or _records(data)
+                records = records or _records(data, run.rvr_pairing, run.rvr_keep)
                 t0 = time.time()
                 _, hist = train(prev, data, records, stage_dir, cfg, progress=progress)
                 if hist:
