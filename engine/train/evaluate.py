@@ -287,6 +287,7 @@ def markdown_table(s: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from engine.loading import default_model_dir, load_engine
+    from engine.train.image_use import format_image_use, image_use
 
     ap = argparse.ArgumentParser(description="Mini-GenEval on the held-out prompts of a world dataset.")
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
@@ -302,6 +303,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--save-dir", default=None)
     ap.add_argument("--json", default=None, help="write the full summary here")
     ap.add_argument("--markdown", default=None, help="append the table (with this command) to this file")
+    ap.add_argument(
+        "--image-use",
+        action="store_true",
+        help="also probe whether RvR reads its input image (image_use.py: RvR from known renders)",
+    )
     a = ap.parse_args(argv)
     model = Path(a.model) if a.model else default_model_dir()
     data = Path(a.data) if a.data else model
@@ -315,6 +321,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     s["prompt_blind"] = prompt_blind(specs)
     print(format_summary(s))
+    if a.image_use:
+        s["image_use"] = image_use(
+            engine,
+            specs,
+            range(a.seeds),
+            refine_params=params,
+            generate_params=params,
+            rvr_weights_engine=load_engine(model, device="cpu", dtype="float32", weights="rvr")
+            if "rvr" in engine.info()["weights"]
+            else None,
+        )
+        print(format_image_use(s["image_use"]))
     if a.json:
         Path(a.json).write_text(json.dumps(s, indent=2))
     if a.markdown:

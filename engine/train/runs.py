@@ -55,6 +55,7 @@ from engine.train.evaluate import (
     mini_geneval,
     prompt_blind,
 )
+from engine.train.image_use import format_image_use, image_use
 from engine.train.own_samples import own_t2i_records, write_own_dataset
 from engine.train.pairing import aligned_pools, keep_pairs, pair_nearest
 from engine.train.prompts import CATEGORIES
@@ -438,6 +439,7 @@ def run_all(out: str | Path, run: RunConfig, stages: tuple[str, ...] = STAGES, p
     if "eval" in stages:
         engine = load_engine(prev, device="cpu", dtype="float32")
         specs = load_heldout(data)[: run.eval_limit]
+        rvr_engine = load_engine(prev, device="cpu", dtype="float32", weights="rvr")
         params = {"steps": run.eval_steps}
         if run.eval_cfg_text is not None:
             params["cfg_text"] = run.eval_cfg_text
@@ -449,19 +451,30 @@ def run_all(out: str | Path, run: RunConfig, stages: tuple[str, ...] = STAGES, p
             run.image_size,
             generate_params=params,
             refine_params=params,
-            rvr_weights_engine=load_engine(prev, device="cpu", dtype="float32", weights="rvr"),
+            rvr_weights_engine=rvr_engine,
         )
         summary["autoencoder_ceiling"] = autoencoder_ceiling(engine.vae, specs, run.seed, run.image_size)
         summary["prompt_blind"] = prompt_blind(specs, run.seed, run.image_size)
+        summary["image_use"] = image_use(
+            engine,
+            specs,
+            tuple(run.seed + s for s in run.eval_seeds),
+            run.image_size,
+            refine_params=params,
+            generate_params=params,
+            rvr_weights_engine=rvr_engine,
+        )
         (out / "eval.json").write_text(json.dumps(summary, indent=2))
         (out / "eval.md").write_text(markdown_table(summary) + "\n")
         if progress:
             print(format_summary(summary))
+            print(format_image_use(summary["image_use"]))
         done("eval", seconds=time.time() - t0, **{k: v for k, v in summary.items() if k != "rows"})
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> tuple[str, RunConfig, tuple[str, ...]]:
+    """(output directory, the profile's run config with the command line's overrides, stages)."""
     ap = argparse.ArgumentParser(
         description="Staged synthetic-world run: data, autoencoder, T2I, judge, RvR, eval."
     )
@@ -471,9 +484,36 @@ def main(argv: list[str] | None = None) -> None:
         "--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}"
     )
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--rvr-pairing", choices=("random", "nearest"), default=None, help="override the profile's"
+    )
+    ap.add_argument(
+        "--rvr-keep",
+        default=None,
+        help="comma-separated keep-pair sources (own, world); needs nearest pairing",
+    )
+    ap.add_argument("--rvr-lr", type=float, default=None, help="override the RvR stage's learning rate")
+    ap.add_argument(
+        "--rvr-prompt-dropout",
+        type=float,
+        default=None,
+        help="override the RvR stage's refine prompt dropout",
+    )
     a = ap.parse_args(argv)
     run = replace(PROFILES[a.profile](), threads=a.threads)
-    run_all(a.out, run, tuple(a.stages.split(",")))
+    if a.rvr_pairing is not None:
+        run = replace(run, rvr_pairing=a.rvr_pairing)
+    if a.rvr_keep is not None:
+        run = replace(run, rvr_keep=tuple(k for k in a.rvr_keep.split(",") if k))
+    rvr_overrides = {"lr": a.rvr_lr, "refine_prompt_dropout": a.rvr_prompt_dropout}
+    rvr_overrides = {k: v for k, v in rvr_overrides.items() if v is not None}
+    if rvr_overrides:
+        run = replace(run, stages={**run.stages, "rvr": replace(run.stages["rvr"], **rvr_overrides)})
+    return a.out, run, tuple(a.stages.split(","))
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_all(*parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from engine.train.checker import check
 from engine.train.dataset import open_rgb, save_image
 from engine.train.pairing import aligned_pools, keep_pairs, pair_nearest
 from engine.train.prompts import PromptSpec
-from engine.train.runs import _records
+from engine.train.runs import PROFILES, _records, parse_args
 from engine.train.world import Obj, Scene, render
 
 SPEC = PromptSpec.from_json(
@@ -94,3 +94,26 @@ def test_keep_pairs_pair_an_aligned_image_with_its_nearest_other_render(tmp_path
 def test_runs_rejects_keep_pairs_without_nearest_pairing(tmp_path):
     with pytest.raises(ValueError, match="rvr_keep"):
         _records(tmp_path, "random", ("own",))
+
+
+def test_run_command_line_overrides_the_rvr_stage():
+    out, run, _ = parse_args(
+        [
+            "--out",
+            "x",
+            "--profile",
+            "bundled",
+            "--rvr-pairing",
+            "nearest",
+            "--rvr-keep",
+            "own,world",
+            "--rvr-lr",
+            "1e-3",
+        ]
+    )
+    base = PROFILES["bundled"]()
+    assert (out, run.rvr_pairing, run.rvr_keep) == ("x", "nearest", ("own", "world"))
+    assert run.stages["rvr"].lr == 1e-3 and run.stages["rvr"].steps == base.stages["rvr"].steps
+    assert run.stages["t2i"] == base.stages["t2i"] and run.stages["judge"] == base.stages["judge"]
+    _, plain, _ = parse_args(["--out", "x", "--profile", "bundled"])
+    assert plain == base

@@ -2,6 +2,7 @@
 mini-GenEval scoring."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -37,7 +38,10 @@ def test_autoencoder_steps_lower_reconstruction_and_standardise_latents():
 @pytest.mark.slow
 def test_staged_run_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "run"
-    report = run_all(out, PROFILES["smoke"](), progress=False)
+    # nearest pairing with keep pairs covers pairing.py on the run's own records
+    report = run_all(
+        out, replace(PROFILES["smoke"](), rvr_pairing="nearest", rvr_keep=("own", "world")), progress=False
+    )
     assert set(report["stages"]) == {"data", "ae", "init", "t2i", "own", "judge", "rvr", "export", "eval"}
     own = report["stages"]["own"]
     assert own["samples"] == 2 * len(read_records(out / "data/train_specs.jsonl"))
@@ -47,6 +51,12 @@ def test_staged_run_end_to_end_and_resumes(tmp_path):
     assert report["stages"]["export"]["bytes"] < 25 * 2**20
     ev = json.loads((out / "eval.json").read_text())
     assert set(ev["mean_over_categories"]) == {*MODES, "reroll_rvr_weights"} and ev["n"] >= 1
+    assert ev["image_use"]["n"] == ev["n"] and set(ev["image_use"]["accepted"]) == {
+        "aligned",
+        "misaligned",
+        "blank",
+        "fresh",
+    }
     engine = load_engine(model, device="cpu", dtype="float32")
     assert engine.cfg.vae_transform.max_size == 64  # serves at the world's size
     assert engine.generate("a red circle", seed=0, steps=2).image.size == (64, 64)
@@ -70,6 +80,7 @@ def test_staged_run_end_to_end_and_resumes(tmp_path):
             str(tmp_path / "ev.json"),
             "--markdown",
             str(md),
+            "--image-use",
         ]
     )
     table = md.read_text()
@@ -77,6 +88,7 @@ def test_staged_run_end_to_end_and_resumes(tmp_path):
     assert (out / "eval.md").read_text().startswith("| mode | overall")
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert ev["n"] == 1 and set(ev["pooled"]) == set(MODES) and "object" in ev["per_dimension"]
+    assert ev["image_use"]["n"] == 1
     # a second invocation finds every stage done and changes nothing
     before = (out / "rvr" / "rvr.safetensors").stat().st_mtime_ns
     run_all(out, PROFILES["smoke"](), stages=("data", "ae", "init", "t2i", "judge", "rvr"), progress=False)

@@ -1,0 +1,131 @@
+"""Does the refiner read its input image? Mini-GenEval scores cannot tell refinement from regeneration.
+
+A refiner that uses the misaligned image's ViT tokens should keep an image that already satisfies the prompt,
+keep its layout, and change what is wrong. One that ignores them behaves like a fresh text-to-image sample
+whatever it is given. Per (prompt, seed), one RvR round (the refine weights, the same seed for every input)
+runs from three inputs with known answers, rendered by the world (never by the model):
+
+- `aligned`     a render that satisfies the prompt;
+- `misaligned`  a render that breaks one of its dimensions;
+- `blank`       the empty background: nothing to keep.
+
+and is compared with a fresh text-to-image sample of the refine weights (`fresh`). Reported: the checker's
+acceptance of each output; for the misaligned input, how often the output still breaks the dimension the
+input broke (`kept_error`, against the same dimension failing in the fresh sample); and the thumbnail
+distance from the aligned input to its output and to the fresh sample (`layout`, pairing.py's distance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from engine.train.checker import check
+from engine.train.pairing import THUMB
+from engine.train.prompts import PromptSpec, sample_scene, sample_violation
+from engine.train.world import BACKGROUND, DEFAULT_SIZE, render
+from engine.types import GenerationRequest, SamplingParams
+
+INPUTS = ("aligned", "misaligned", "blank")
+
+
+def _thumb(img: Image.Image) -> np.ndarray:
+    return (
+        np.asarray(img.convert("RGB").resize((THUMB, THUMB), resample=4), dtype=np.float32).reshape(-1) / 255
+    )
+
+
+def _distance(a: Image.Image, b: Image.Image) -> float:
+    return float(((_thumb(a) - _thumb(b)) ** 2).sum())
+
+
+def probe_inputs(spec: PromptSpec, seed: int, size: int) -> tuple[dict[str, Image.Image], str]:
+    """The three inputs of one (prompt, seed) and the dimension the misaligned one breaks."""
+    rng = np.random.default_rng([seed, 7])
+    aligned = render(sample_scene(spec, rng), size, rng, 1.0)
+    broken = sample_violation(spec, rng, max_dims=1)
+    misaligned = render(sample_scene(spec, rng, broken), size, rng, 1.0)
+    return {
+        "aligned": aligned,
+        "misaligned": misaligned,
+        "blank": Image.new("RGB", (size, size), BACKGROUND),
+    }, broken[0]
+
+
+def image_use(
+    engine,
+    specs: Sequence[PromptSpec],
+    seeds: Sequence[int] = (0,),
+    size: int = DEFAULT_SIZE,
+    refine_params: dict | None = None,
+    generate_params: dict | None = None,
+    rvr_weights_engine=None,
+    batch_size: int = 64,
+) -> dict:
+    """Acceptance per input and of the fresh sample, kept errors and layout distances (module docstring).
+
+    `rvr_weights_engine` draws the fresh sample from the refine weights (RvR checkpoints carry two weight
+    sets); without it the fresh sample comes from `engine`."""
+    fresh_engine = rvr_weights_engine or engine
+    cases = [(spec, seed, *probe_inputs(spec, seed, size)) for spec in specs for seed in seeds]
+    refine = SamplingParams.for_task("refine", **(refine_params or {}))
+    generate = SamplingParams.for_task("generate", **(generate_params or {}))
+    outputs = {
+        name: [
+            rounds[-1].image
+            for rounds in engine.run_batch(
+                [
+                    GenerationRequest("refine", spec.text, inputs[name], refine, seed, size, size)
+                    for spec, seed, inputs, _ in cases
+                ],
+                batch_size,
+            )
+        ]
+        for name in INPUTS
+    }
+    fresh = [
+        rounds[-1].image
+        for rounds in fresh_engine.run_batch(
+            [
+                GenerationRequest("generate", spec.text, None, generate, seed, size, size)
+                for spec, seed, _, _ in cases
+            ],
+            batch_size,
+        )
+    ]
+    outputs["fresh"] = fresh
+    labels = {
+        name: [check(img, c[0]) for img, c in zip(outs, cases, strict=True)] for name, outs in outputs.items()
+    }
+    aligned_inputs = [inputs["aligned"] for _, _, inputs, _ in cases]
+    broken = [dim for *_, dim in cases]
+    n = len(cases)
+
+    def still_broken(name: str) -> float:
+        return sum(not lab[dim] for lab, dim in zip(labels[name], broken, strict=True)) / n
+
+    def layout(name: str) -> float:
+        return float(np.mean([_distance(a, o) for a, o in zip(aligned_inputs, outputs[name], strict=True)]))
+
+    return {
+        "n": n,
+        "accepted": {name: sum(lab["overall"] for lab in labs) / n for name, labs in labels.items()},
+        "kept_error": {"rvr_from_misaligned": still_broken("misaligned"), "fresh": still_broken("fresh")},
+        "layout": {"rvr_from_aligned": layout("aligned"), "fresh": layout("fresh")},
+    }
+
+
+def format_image_use(r: dict) -> str:
+    a, k, lay = r["accepted"], r["kept_error"], r["layout"]
+    return "\n".join(
+        [
+            f"image use: one RvR round from world renders, {r['n']} (prompt, seed) pairs",
+            "  accepted after RvR from: "
+            + ", ".join(f"{name} input {a[name]:.3f}" for name in INPUTS)
+            + f"; fresh T2I sample {a['fresh']:.3f}",
+            f"  input's broken dimension still broken: RvR {k['rvr_from_misaligned']:.3f}, fresh {k['fresh']:.3f}",
+            f"  layout distance from the aligned input: RvR {lay['rvr_from_aligned']:.2f}, fresh {lay['fresh']:.2f}",
+        ]
+    )
