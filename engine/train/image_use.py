@@ -23,22 +23,12 @@ import numpy as np
 from PIL import Image
 
 from engine.train.checker import check
-from engine.train.pairing import THUMB
+from engine.train.pairing import thumbnail_distance
 from engine.train.prompts import PromptSpec, sample_scene, sample_violation
 from engine.train.world import BACKGROUND, DEFAULT_SIZE, render
 from engine.types import GenerationRequest, SamplingParams
 
 INPUTS = ("aligned", "misaligned", "blank")
-
-
-def _thumb(img: Image.Image) -> np.ndarray:
-    return (
-        np.asarray(img.convert("RGB").resize((THUMB, THUMB), resample=4), dtype=np.float32).reshape(-1) / 255
-    )
-
-
-def _distance(a: Image.Image, b: Image.Image) -> float:
-    return float(((_thumb(a) - _thumb(b)) ** 2).sum())
 
 
 def probe_inputs(spec: PromptSpec, seed: int, size: int) -> tuple[dict[str, Image.Image], str]:
@@ -107,7 +97,9 @@ def image_use(
         return sum(not lab[dim] for lab, dim in zip(labels[name], broken, strict=True)) / n
 
     def layout(name: str) -> float:
-        return float(np.mean([_distance(a, o) for a, o in zip(aligned_inputs, outputs[name], strict=True)]))
+        return float(
+            np.mean([thumbnail_distance(a, o) for a, o in zip(aligned_inputs, outputs[name], strict=True)])
+        )
 
     return {
         "n": n,

@@ -17,16 +17,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from engine.train.dataset import first_prompt, open_rgb, parse_image_list, resolve
 
 THUMB = 16  # thumbnails compare layout and colour, not render jitter
 
 
-def thumbnail(path: Path) -> np.ndarray:
+def thumbnail(img: Image.Image) -> np.ndarray:
     """[THUMB * THUMB * 3] float32 in [0, 1], box-downsampled."""
-    img = open_rgb(path).resize((THUMB, THUMB), resample=4)  # 4 = Image.BOX
-    return np.asarray(img, dtype=np.float32).reshape(-1) / 255.0
+    small = img.convert("RGB").resize((THUMB, THUMB), resample=Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float32).reshape(-1) / 255.0
+
+
+def thumbnail_distance(a: Image.Image, b: Image.Image) -> float:
+    """Squared L2 between thumbnails: layout and colour, not render jitter."""
+    return float(((thumbnail(a) - thumbnail(b)) ** 2).sum())
 
 
 def aligned_pools(t2i_records: Sequence[dict]) -> dict[str, list[str]]:
@@ -46,7 +52,7 @@ def pair_nearest(refine_records: Sequence[dict], pools: dict[str, list[str]], ro
 
     def thumb(rel: str) -> np.ndarray:
         if rel not in cache:
-            cache[rel] = thumbnail(resolve(root, rel))
+            cache[rel] = thumbnail(open_rgb(resolve(root, rel)))
         return cache[rel]
 
     out = []
