@@ -65,15 +65,12 @@ def pair_nearest(refine_records: Sequence[dict], pools: dict[str, list[str]], ro
         if best == ali:
             out.append(r)
             continue
-        labels = json.loads(r["labels"]) if isinstance(r.get("labels"), str) else None
-        out.append(
-            {
-                **r,
-                "image_list": [mis, best],
-                "labels": json.dumps([labels[0], {"overall": True}]) if labels else r.get("labels"),
-                "sources": [parse_image_list(r["sources"])[0], "render"] if r.get("sources") else None,
-            }
-        )
+        paired = {**r, "image_list": [mis, best]}
+        if isinstance(r.get("labels"), str):
+            paired["labels"] = json.dumps([json.loads(r["labels"])[0], {"overall": True}])
+        if r.get("sources"):
+            paired["sources"] = [parse_image_list(r["sources"])[0], "render"]
+        out.append(paired)
     return out
 
 
@@ -82,10 +79,9 @@ def keep_pairs(
 ) -> list[dict]:
     """Refine records <aligned image, nearest other aligned image of its prompt> from (image, prompt) pairs.
 
-    The paper's pairs always start from a misaligned image, so a model that cannot yet tell which dimension
-    is wrong learns to change something in every input, and breaks the aligned images it is asked to refine
-    (RvR refines every T2I output). These pairs show that an image that already satisfies its prompt stays
-    as it is, up to an independent sample's differences."""
+    The paper's pairs always start from a misaligned image, yet one RvR round refines every T2I output,
+    aligned ones included. These pairs show the model that an image which already satisfies its prompt
+    stays as it is, up to an independent sample's differences."""
     seeds = [
         {
             "image_list": [rel, rel],
