@@ -443,27 +443,13 @@ def run_all(out: str | Path, run: RunConfig, stages: tuple[str, ...] = STAGES, p
         params = {"steps": run.eval_steps}
         if run.eval_cfg_text is not None:
             params["cfg_text"] = run.eval_cfg_text
+        seeds = tuple(run.seed + s for s in run.eval_seeds)
+        sampling = {"generate_params": params, "refine_params": params, "rvr_weights_engine": rvr_engine}
         t0 = time.time()
-        summary = mini_geneval(
-            engine,
-            specs,
-            tuple(run.seed + s for s in run.eval_seeds),
-            run.image_size,
-            generate_params=params,
-            refine_params=params,
-            rvr_weights_engine=rvr_engine,
-        )
+        summary = mini_geneval(engine, specs, seeds, run.image_size, **sampling)
         summary["autoencoder_ceiling"] = autoencoder_ceiling(engine.vae, specs, run.seed, run.image_size)
         summary["prompt_blind"] = prompt_blind(specs, run.seed, run.image_size)
-        summary["image_use"] = image_use(
-            engine,
-            specs,
-            tuple(run.seed + s for s in run.eval_seeds),
-            run.image_size,
-            refine_params=params,
-            generate_params=params,
-            rvr_weights_engine=rvr_engine,
-        )
+        summary["image_use"] = image_use(engine, specs, seeds, run.image_size, **sampling)
         (out / "eval.json").write_text(json.dumps(summary, indent=2))
         (out / "eval.md").write_text(markdown_table(summary) + "\n")
         if progress:
