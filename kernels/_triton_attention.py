@@ -12,7 +12,8 @@ sequence, the tile's visible own-key range is bounded by hi_min = kv_end[m0] and
 
 Cached and fresh keys are read from their own tensors (no concatenation); GQA reads kv_head = h // G.
 Online softmax in base 2 with fp32 accumulators and a safe max; rows that saw no key output 0.
-Every load is masked (the interpreter segfaults on out-of-bounds loads).
+Loads that could reach past a tensor are masked (the interpreter segfaults on out-of-bounds loads); whole key
+tiles are in bounds by construction and, without head-dim padding, load unmasked so that they vectorise.
 """
 
 from __future__ import annotations
@@ -38,17 +39,17 @@ def _update(acc, l_i, m_i, q, k, v, qk_scale, mask, APPLY_MASK: tl.constexpr, IE
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         qk = tl.dot(q, tl.trans(k))
-    qk = qk * qk_scale
+    # qk_scale > 0 (validated), so max(qk) * scale is the scaled max and qk * scale - m is one FMA per score.
     if APPLY_MASK:
         qk = tl.where(mask, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # safe max: fully masked rows so far
     else:
         # Unmasked tiles: every score is finite, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_use = m_new
     alpha = tl.math.exp2(m_i - m_use)
-    p = tl.math.exp2(qk - m_use[:, None])
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if IEEE:
@@ -56,6 +57,19 @@ def _update(acc, l_i, m_i, q, k, v, qk_scale, mask, APPLY_MASK: tl.constexpr, IE
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _load_full(k_rows, v_rows, offs_d, d_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """K and V of a whole key tile (every row in bounds): `k_rows`/`v_rows` are (BLOCK_N, 1) row pointers.
+    With no padded head-dim columns the loads carry no mask, so they vectorise fully."""
+    if HEAD_DIM == BLOCK_D:
+        k = tl.load(k_rows + offs_d[None, :])
+        v = tl.load(v_rows + offs_d[None, :])
+    else:
+        k = tl.load(k_rows + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_rows + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+    return k, v
 
 
 @triton.jit
@@ -132,10 +146,10 @@ def _mixed_attn_fwd(
     n_cache_full = n_cache // BLOCK_N
     for j in range(0, n_cache_full):
         cols = j * BLOCK_N + offs_n
-        ld = (cols < n_cache)[:, None] & d_ok[None, :]
         rows64 = (c0 + cols)[:, None]
-        k = tl.load(kc_base + rows64 * stride_kct + offs_d[None, :], mask=ld, other=0.0)
-        v = tl.load(vc_base + rows64 * stride_vct + offs_d[None, :], mask=ld, other=0.0)
+        k, v = _load_full(
+            kc_base + rows64 * stride_kct, vc_base + rows64 * stride_vct, offs_d, d_ok, HEAD_DIM, BLOCK_D
+        )
         acc, l_i, m_i = _update(acc, l_i, m_i, q, k, v, qk_scale, no_mask, False, IEEE)
     # ---- ragged cache tail (0 or 1 tile): column mask ---------------------------------------------
     for j in range(n_cache_full, tl.cdiv(n_cache, BLOCK_N)):
@@ -153,10 +167,10 @@ def _mixed_attn_fwd(
     n_own_full = hi_min // BLOCK_N
     for j in range(0, n_own_full):
         cols = j * BLOCK_N + offs_n
-        ld = (cols < hi_max)[:, None] & d_ok[None, :]
         rows64 = (seq_start + cols).to(tl.int64)[:, None]
-        k = tl.load(k_base + rows64 * stride_kt + offs_d[None, :], mask=ld, other=0.0)
-        v = tl.load(v_base + rows64 * stride_vt + offs_d[None, :], mask=ld, other=0.0)
+        k, v = _load_full(
+            k_base + rows64 * stride_kt, v_base + rows64 * stride_vt, offs_d, d_ok, HEAD_DIM, BLOCK_D
+        )
         acc, l_i, m_i = _update(acc, l_i, m_i, q, k, v, qk_scale, no_mask, False, IEEE)
     # ---- partial own tiles up to hi_max: mask col < kv_end[row] -----------------------------------------
     for j in range(n_own_full, tl.cdiv(hi_max, BLOCK_N)):

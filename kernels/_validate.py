@@ -74,9 +74,12 @@ def check_metadata(q, k, v, k_cache, v_cache, cu_seqlens_q, cache_start, cache_l
     if tq >= 2**31 or tc >= 2**31:
         raise ValueError("row counts must fit int32")
     if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale)
+        isinstance(scale, bool)
+        or not isinstance(scale, int | float)
+        or not math.isfinite(scale)
+        or scale <= 0
     ):
-        raise ValueError(f"scale must be None or a finite number, got {scale!r}")
+        raise ValueError(f"scale must be None or a positive finite number, got {scale!r}")
 
 
 def check_ranges(cu_seqlens_q, cache_start, cache_len, kv_end, total_q: int, cache_rows: int) -> None:

@@ -51,3 +51,27 @@ def test_bench_without_cuda(tmp_path):
     assert "no CUDA device" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "skipped" in json.loads(out.read_text())
+
+
+def test_sweep_smoke(tmp_path):
+    """`python -m kernels.sweep --smoke` under the interpreter: every config and the predecessor kernel
+    (here the same file) are checked against the reference and timed, SDPA timed beside them."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    out = tmp_path / "sweep.json"
+    prev = ROOT / "kernels" / "_triton_attention.py"
+    args = ["--smoke", "--shapes", "prefill", "--prev", str(prev), "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "kernels.sweep", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    kernels = {(r["kernel"], str(r["config"])) for r in data["results"]}
+    assert ("prev", "autotuned") in kernels and ("current", "autotuned") in kernels
+    assert all(r["ok"] and r["ms"] > 0 for r in data["results"]), data["results"]
+    assert {b["method"] for b in data["baselines"]} == {"sdpa_dense"}

@@ -82,9 +82,10 @@ def test_head_dim_limits():
         mixed_attention(**args)
 
 
-def test_scale_must_be_finite():
+def test_scale_must_be_positive_and_finite():
+    # The kernel's online softmax takes max(qk) * scale as the scaled row max: true only for scale > 0.
     args = _valid()
-    for bad in (float("nan"), float("inf"), "0.1", True):
+    for bad in (float("nan"), float("inf"), "0.1", True, 0.0, -0.125):
         with pytest.raises(ValueError, match="scale"):
             mixed_attention(**args, scale=bad)
 
