@@ -46,7 +46,7 @@ SQUARE_FILL = 0.9
 CIRCLE_FILL = 0.74
 
 
-def _background(img: np.ndarray) -> np.ndarray:
+def background(img: np.ndarray) -> np.ndarray:
     """Median of the border pixels: objects never touch the border, so this is the plain background."""
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])  # (4S, 3)
     return np.median(border, axis=0)
@@ -58,8 +58,14 @@ def unmix(img: np.ndarray, residual_tol: float = 40.0) -> tuple[np.ndarray, np.n
     Returns (labels, alpha): labels (H, W) is the palette index of the pixel's object, or -1 where the
     pixel is background (coverage < 1/2) or no colour explains it; alpha (H, W, K) is the coverage of
     each colour, clipped to [0, 1], used for sub-pixel shape measurements.
+
+    A tinted background (a colour cast, world.color_cast) is first scaled back to neutral, channel by
+    channel; a neutral one (every render without a cast) is left exactly as it is.
     """
-    bg = _background(img)
+    bg = background(img)
+    if bg.min() > 0:
+        img = img * (bg.max() / bg)  # (H, W, 3): white-balanced on the background
+        bg = np.full(3, bg.max())
     d = _PALETTE_RGB - bg  # (K, 3) direction from the background to each colour
     p = img - bg  # (H, W, 3)
     alpha = np.einsum("hwc,kc->hwk", p, d) / (d * d).sum(-1)  # (H, W, K) coverage along each colour

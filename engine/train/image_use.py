@@ -7,12 +7,16 @@ runs from three inputs with known answers, rendered by the world (never by the m
 
 - `aligned`     a render that satisfies the prompt;
 - `misaligned`  a render that breaks one of its dimensions;
-- `blank`       the empty background: nothing to keep.
+- `blank`       the empty background: nothing to keep;
+- `cast`        the aligned render under a random colour cast (world.color_cast): its tinted background is
+                something the prompt never states, so only a refiner that reads the image can keep it.
 
 and is compared with a fresh text-to-image sample of the refine weights (`fresh`). Reported: the checker's
 acceptance of each output; for the misaligned input, how often the output still breaks the dimension the
 input broke (`kept_error`, against the same dimension failing in the fresh sample); and the thumbnail
-distance from the aligned input to its output and to the fresh sample (`layout`, pairing.py's distance).
+distance from the aligned input to its output and to the fresh sample (`layout`, pairing.py's distance);
+and the RGB distance between the cast input's background and the background of its output and of the fresh
+sample (`cast`, border medians as the checker estimates them).
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from engine.train.checker import check
+from engine.train.checker import background, check
 from engine.train.pairing import thumbnail_distance
 from engine.train.prompts import PromptSpec, sample_scene, sample_violation
-from engine.train.world import BACKGROUND, DEFAULT_SIZE, render
+from engine.train.world import BACKGROUND, DEFAULT_SIZE, color_cast, random_cast, render
 from engine.types import GenerationRequest, SamplingParams
 
-INPUTS = ("aligned", "misaligned", "blank")
+INPUTS = ("aligned", "misaligned", "blank", "cast")
+PROBE_CAST = 0.25  # cast strength of the `cast` input: gains in [0.75, 1] per channel
 
 
 def probe_inputs(spec: PromptSpec, seed: int, size: int) -> tuple[dict[str, Image.Image], str]:
@@ -41,6 +46,7 @@ def probe_inputs(spec: PromptSpec, seed: int, size: int) -> tuple[dict[str, Imag
         "aligned": aligned,
         "misaligned": misaligned,
         "blank": Image.new("RGB", (size, size), BACKGROUND),
+        "cast": color_cast(aligned, random_cast(rng, PROBE_CAST)),
     }, broken[0]
 
 
@@ -101,16 +107,27 @@ def image_use(
             np.mean([thumbnail_distance(a, o) for a, o in zip(aligned_inputs, outputs[name], strict=True)])
         )
 
+    def cast(name: str) -> float:
+        pairs = zip(cases, outputs[name], strict=True)
+        return float(np.mean([_bg_distance(c[2]["cast"], out) for c, out in pairs]))
+
     return {
         "n": n,
         "accepted": {name: sum(lab["overall"] for lab in labs) / n for name, labs in labels.items()},
         "kept_error": {"rvr_from_misaligned": still_broken("misaligned"), "fresh": still_broken("fresh")},
         "layout": {"rvr_from_aligned": layout("aligned"), "fresh": layout("fresh")},
+        "cast": {"rvr_from_cast": cast("cast"), "fresh": cast("fresh")},
     }
 
 
+def _bg_distance(a: Image.Image, b: Image.Image) -> float:
+    """RGB distance between the border-median backgrounds of two images."""
+    bg = [background(np.asarray(x.convert("RGB"), dtype=np.float64)) for x in (a, b)]
+    return float(np.linalg.norm(bg[0] - bg[1]))
+
+
 def format_image_use(r: dict) -> str:
-    a, k, lay = r["accepted"], r["kept_error"], r["layout"]
+    a, k, lay, cast = r["accepted"], r["kept_error"], r["layout"], r["cast"]
     return "\n".join(
         [
             f"image use: one RvR round from world renders, {r['n']} (prompt, seed) pairs",
@@ -119,5 +136,6 @@ def format_image_use(r: dict) -> str:
             + f"; fresh T2I sample {a['fresh']:.3f}",
             f"  input's broken dimension still broken: RvR {k['rvr_from_misaligned']:.3f}, fresh {k['fresh']:.3f}",
             f"  layout distance from the aligned input: RvR {lay['rvr_from_aligned']:.2f}, fresh {lay['fresh']:.2f}",
+            f"  background distance from the cast input: RvR {cast['rvr_from_cast']:.1f}, fresh {cast['fresh']:.1f}",
         ]
     )

@@ -485,13 +485,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, RunConfig, tuple[str
         default=None,
         help="override the RvR stage's refine prompt dropout",
     )
+    ap.add_argument(
+        "--rvr-pair-cast",
+        type=float,
+        default=None,
+        help="colour-cast strength shared by both images of a refine pair (0: none)",
+    )
     a = ap.parse_args(argv)
     run = replace(PROFILES[a.profile](), threads=a.threads)
     if a.rvr_pairing is not None:
         run = replace(run, rvr_pairing=a.rvr_pairing)
     if a.rvr_keep is not None:
         run = replace(run, rvr_keep=tuple(k for k in a.rvr_keep.split(",") if k))
-    rvr_overrides = {"lr": a.rvr_lr, "refine_prompt_dropout": a.rvr_prompt_dropout}
+    rvr_overrides = {
+        "lr": a.rvr_lr,
+        "refine_prompt_dropout": a.rvr_prompt_dropout,
+        "refine_pair_cast": a.rvr_pair_cast,
+    }
     rvr_overrides = {k: v for k, v in rvr_overrides.items() if v is not None}
     if rvr_overrides:
         run = replace(run, stages={**run.stages, "rvr": replace(run.stages["rvr"], **rvr_overrides)})

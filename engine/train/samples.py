@@ -37,6 +37,7 @@ from engine.requests import context_image
 from engine.tokenizer import Tokenizer
 from engine.train.dataset import first_prompt, open_rgb, parse_image_list, resolve
 from engine.train.packing import Sample, VaeSplit, VitSplit, sample_rows, text_split
+from engine.train.world import color_cast, random_cast
 
 
 class ImageEncoder:
@@ -108,6 +109,9 @@ class MixtureConfig:
     refine_prompt_dropout: float = 0.0  # the release has none on rvr samples
     refine_image_dropout: float = 0.0
     system_prompt: str = REFINE_SYSTEM_PROMPT
+    # > 0: both images of a refine pair get one random colour cast of this strength (world.random_cast),
+    # like two samples of one generator sharing its white balance; only the input image tells the cast
+    refine_pair_cast: float = 0.0
 
 
 class Mixture:
@@ -135,10 +139,14 @@ class Mixture:
     def make(self, kind: str, rec: dict, rng: np.random.Generator) -> Sample:
         if kind == "rvr":
             mis, ali = parse_image_list(rec["image_list"])
+            mis_img, ali_img, ali_key = self._image(mis), self._image(ali), ali
+            if self.cfg.refine_pair_cast > 0:
+                gains = random_cast(rng, self.cfg.refine_pair_cast)
+                mis_img, ali_img, ali_key = color_cast(mis_img, gains), color_cast(ali_img, gains), None
             return refine_sample(
                 self.tok,
-                self.enc.vit(self._image(mis)),
-                self.enc.latents(self._image(ali), key=ali),
+                self.enc.vit(mis_img),
+                self.enc.latents(ali_img, key=ali_key),
                 first_prompt(rec["user_prompt"]),
                 self.cfg.system_prompt,
                 drop_prompt=rng.random() < self.cfg.refine_prompt_dropout,

@@ -78,6 +78,7 @@ class TrainConfig:
     text_dropout: float = 0.1
     refine_prompt_dropout: float = 0.0
     refine_image_dropout: float = 0.0
+    refine_pair_cast: float = 0.0  # colour-cast strength shared by a refine pair (MixtureConfig)
     # "inference": the 187-char prompt the engine (and the released app) uses at refine time, so a model
     # trained here matches serving; "train": the release's 157-char training variant (rvr.md §5.2).
     system_prompt: str = "inference"
@@ -283,6 +284,7 @@ def train(
             cfg.refine_prompt_dropout,
             cfg.refine_image_dropout,
             SYSTEM_PROMPTS[cfg.system_prompt],
+            cfg.refine_pair_cast,
         ),
     )
     vae_state = vae.state_dict()
@@ -361,6 +363,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--init-weights", default=d.init_weights, choices=("ema", "rvr"))
     ap.add_argument("--weights-name", default=d.weights_name, choices=("ema", "rvr"))
     ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument(
+        "--refine-pair-cast",
+        type=float,
+        default=d.refine_pair_cast,
+        help="colour-cast strength shared by both images of a refine pair (0: none)",
+    )
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (float32 master weights)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (each torchrun rank takes cuda:LOCAL_RANK)")
@@ -384,6 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         mixture=a.mixture,
         gradient_checkpointing=a.gradient_checkpointing,
         autocast_bf16=a.bf16,
+        refine_pair_cast=a.refine_pair_cast,
     )
     try:
         train(a.model, a.data_root, records, a.out, cfg, device=a.device)

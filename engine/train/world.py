@@ -177,3 +177,16 @@ def fits(obj: Obj, placed: list[Obj]) -> bool:
     if not (h + 0.01 <= obj.cx <= 1 - h - 0.01 and h + 0.01 <= obj.cy <= 1 - h - 0.01):
         return False
     return not any(boxes_overlap(obj, p, OBJECT_GAP) for p in placed)
+
+
+def random_cast(rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Per-channel gains in [1 - strength, 1], the largest exactly 1: a generator's colour cast (its white
+    balance), which tints without darkening. (3,) float."""
+    gains = rng.uniform(1.0 - strength, 1.0, size=3)
+    return gains / gains.max()
+
+
+def color_cast(img: Image.Image, gains: np.ndarray) -> Image.Image:
+    """`img` with every channel scaled by its gain: the background takes a tint, objects keep their hue."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float64) * np.asarray(gains, dtype=np.float64)
+    return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))

@@ -3,8 +3,8 @@
 import numpy as np
 
 from engine.train.checker import check, detect, validate_checker
-from engine.train.prompts import Group, PromptSpec
-from engine.train.world import Obj, Scene, render
+from engine.train.prompts import Group, PromptSpec, sample_scene, sample_spec, sample_violation
+from engine.train.world import Obj, Scene, color_cast, random_cast, render
 
 
 def _objs(scene):
@@ -58,3 +58,18 @@ def test_validation_accuracy_on_clean_renders():
     assert r["aligned_accept"] >= 0.95 and r["misaligned_reject"] >= 0.95
     for d, v in r["dims"].items():
         assert v["accuracy"] >= 0.95, (d, v)
+
+
+def test_a_colour_cast_does_not_change_the_verdict():
+    """A generator's white balance (world.color_cast) tints the background and every object alike; the
+    checker neutralises it on the background, so its verdicts on cast renders match the plain ones."""
+    rng = np.random.default_rng(11)
+    cats = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+    tints = []
+    for i in range(120):
+        spec = sample_spec(rng, category=cats[i % len(cats)])
+        img = render(sample_scene(spec, rng, sample_violation(spec, rng) if i % 2 else ()), 64, rng, 1.0)
+        cast = color_cast(img, random_cast(rng, 0.25))
+        tints.append(np.abs(np.asarray(cast, float)[0, 0] - np.asarray(img, float)[0, 0]).max())
+        assert check(cast, spec) == check(img, spec), spec.text
+    assert np.median(tints) > 20  # the casts are visible, not a rounding error

@@ -39,6 +39,9 @@ def test_probe_inputs_have_known_answers():
         assert check(inputs["aligned"], spec)["overall"]
         assert not check(inputs["misaligned"], spec)[broken]
         assert not check(inputs["blank"], spec)["overall"]
+        # the cast keeps the scene (the checker still accepts it) and tints the background
+        assert check(inputs["cast"], spec)["overall"]
+        assert np.asarray(inputs["cast"])[0, 0].tolist() != np.asarray(inputs["aligned"])[0, 0].tolist()
 
 
 def test_a_copying_refiner_and_a_regenerating_one_are_told_apart():
@@ -49,16 +52,18 @@ def test_a_copying_refiner_and_a_regenerating_one_are_told_apart():
     assert copying["accepted"]["aligned"] == 1.0 and copying["accepted"]["blank"] == 0.0
     assert copying["kept_error"]["rvr_from_misaligned"] == 1.0
     assert copying["layout"]["rvr_from_aligned"] == 0.0 < copying["layout"]["fresh"]
+    assert copying["cast"]["rvr_from_cast"] == 0.0 < copying["cast"]["fresh"]
     # regeneration gives every input the same output: the fresh sample's
-    assert regen["accepted"] == {"aligned": 1.0, "misaligned": 1.0, "blank": 1.0, "fresh": 1.0}
+    assert regen["accepted"] == {"aligned": 1.0, "misaligned": 1.0, "blank": 1.0, "cast": 1.0, "fresh": 1.0}
     assert regen["kept_error"]["rvr_from_misaligned"] == regen["kept_error"]["fresh"] == 0.0
     assert regen["layout"]["rvr_from_aligned"] == regen["layout"]["fresh"] > 0
-    assert "layout distance" in format_image_use(regen)
+    assert regen["cast"]["rvr_from_cast"] == regen["cast"]["fresh"] > 0
+    assert "layout distance" in format_image_use(regen) and "cast input" in format_image_use(regen)
 
 
 def test_image_use_runs_on_the_bundled_model():
     engine = load_engine(None, device="cpu", dtype="float32")
     r = image_use(engine, _specs(2), seeds=(0,), refine_params={"steps": 3}, generate_params={"steps": 3})
-    assert r["n"] == 2 and set(r["accepted"]) == {"aligned", "misaligned", "blank", "fresh"}
+    assert r["n"] == 2 and set(r["accepted"]) == {"aligned", "misaligned", "blank", "cast", "fresh"}
     assert all(0.0 <= v <= 1.0 for v in r["accepted"].values())
     assert r["layout"]["fresh"] > 0

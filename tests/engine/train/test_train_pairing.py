@@ -109,11 +109,14 @@ def test_run_command_line_overrides_the_rvr_stage():
             "own,world",
             "--rvr-lr",
             "1e-3",
+            "--rvr-pair-cast",
+            "0.25",
         ]
     )
     base = PROFILES["bundled"]()
     assert (out, run.rvr_pairing, run.rvr_keep) == ("x", "nearest", ("own", "world"))
     assert run.stages["rvr"].lr == 1e-3 and run.stages["rvr"].steps == base.stages["rvr"].steps
+    assert run.stages["rvr"].refine_pair_cast == 0.25 and base.stages["rvr"].refine_pair_cast == 0.0
     assert run.stages["t2i"] == base.stages["t2i"] and run.stages["judge"] == base.stages["judge"]
     _, plain, _ = parse_args(["--out", "x", "--profile", "bundled"])
     assert plain == base

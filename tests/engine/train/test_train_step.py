@@ -193,3 +193,45 @@ def test_ema_warmup_tracks_a_model_trained_from_scratch(ckpt, world):
     fast.train_step(batch)
     after = model.state_dict()[name]
     assert torch.allclose(fast.ema[name], 0.1 * before + 0.9 * after, atol=1e-6)
+
+
+def test_pair_cast_tints_both_images_of_a_refine_pair_alike(ckpt, world):
+    """refine_pair_cast: the misaligned (ViT) and aligned (latent target) images share one random cast, the
+    cast target is not served from the latent cache, and without the option the images are untouched."""
+    from engine.train.checker import background
+    from engine.train.dataset import open_rgb, parse_image_list, resolve
+
+    root, records = world
+    _, vae, tok, cfg = load_for_training(ckpt)
+
+    class Spy(ImageEncoder):
+        def __init__(self):
+            super().__init__(cfg, vae)
+            self.seen = []
+
+        def vit(self, img):
+            self.seen.append(("vit", img, None))
+            return super().vit(img)
+
+        def latents(self, img, key=None):
+            self.seen.append(("latents", img, key))
+            return super().latents(img, key)
+
+    rec = records["rvr"][0]
+    originals = [open_rgb(resolve(root, p)) for p in parse_image_list(rec["image_list"])]
+
+    def bg(img):
+        return background(np.asarray(img, dtype=np.float64))
+
+    for strength in (0.0, 0.3):
+        spy = Spy()
+        mix = Mixture(tok, spy, root, {"rvr": [rec]}, MixtureConfig({"rvr": 1}, refine_pair_cast=strength))
+        mix.make("rvr", rec, np.random.default_rng(4))
+        (_, mis, _), (_, ali, key) = spy.seen
+        ratios = [bg(img) / bg(orig) for img, orig in zip((mis, ali), originals, strict=True)]
+        if strength == 0:
+            assert key is not None and all(np.allclose(r, 1.0) for r in ratios)
+        else:
+            assert key is None
+            assert np.abs(ratios[0] - ratios[1]).max() < 0.02  # one cast for both images
+            assert ratios[0].min() < 0.97 and np.isclose(ratios[0].max(), 1.0, atol=0.02)
