@@ -21,7 +21,7 @@ from engine.config import VAEConfig
 from engine.model.vae import AutoEncoder
 from engine.preprocess import to_tensor
 from engine.train.prompts import random_scene
-from engine.train.world import DEFAULT_SIZE, render
+from engine.train.world import DEFAULT_SIZE, color_cast, random_cast, render
 
 
 @dataclass
@@ -34,11 +34,17 @@ class AETrainConfig:
     seed: int = 0
     grad_clip: float = 1.0
     stats_images: int = 64  # renders used to set the latent scale/shift
+    cast: float = 0.0  # > 0: every render under a random colour cast of this strength (world.random_cast)
 
 
-def world_batch(rng: np.random.Generator, n: int, size: int) -> torch.Tensor:
-    """(n, 3, size, size) renders of random scenes in [-1, 1]."""
-    return torch.stack([to_tensor(render(random_scene(rng), size, rng, jitter=1.0)) for _ in range(n)])
+def world_batch(rng: np.random.Generator, n: int, size: int, cast: float = 0.0) -> torch.Tensor:
+    """(n, 3, size, size) renders of random scenes in [-1, 1], each under its own colour cast if `cast` > 0."""
+
+    def one():
+        img = render(random_scene(rng), size, rng, jitter=1.0)
+        return color_cast(img, random_cast(rng, cast)) if cast > 0 else img
+
+    return torch.stack([to_tensor(one()) for _ in range(n)])
 
 
 def ae_losses(ae: AutoEncoder, x: torch.Tensor, generator: torch.Generator, kl_weight: float):
@@ -53,9 +59,11 @@ def ae_losses(ae: AutoEncoder, x: torch.Tensor, generator: torch.Generator, kl_w
 
 
 @torch.no_grad()
-def latent_stats(ae: AutoEncoder, rng: np.random.Generator, n: int = 64, size: int = DEFAULT_SIZE):
+def latent_stats(
+    ae: AutoEncoder, rng: np.random.Generator, n: int = 64, size: int = DEFAULT_SIZE, cast: float = 0.0
+):
     """(scale, shift) with scale·(mean − shift) of zero mean and unit std over world renders."""
-    mean, _ = ae.encoder(world_batch(rng, n, size)).chunk(2, dim=1)
+    mean, _ = ae.encoder(world_batch(rng, n, size, cast)).chunk(2, dim=1)
     shift = float(mean.mean())
     return 1.0 / float(mean.std()), shift
 
@@ -73,7 +81,7 @@ def train_autoencoder(
     bar = tqdm(range(cfg.steps), disable=not progress, desc="autoencoder")
     for _ in bar:
         t0 = time.perf_counter()
-        x = world_batch(rng, cfg.batch_size, cfg.image_size)
+        x = world_batch(rng, cfg.batch_size, cfg.image_size, cfg.cast)
         loss, rec, kl = ae_losses(ae, x, gen, cfg.kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -86,7 +94,7 @@ def train_autoencoder(
             img_s=f"{cfg.batch_size / (time.perf_counter() - t0):.1f}",
         )
     ae.eval()
-    scale, shift = latent_stats(ae, rng, cfg.stats_images, cfg.image_size)
+    scale, shift = latent_stats(ae, rng, cfg.stats_images, cfg.image_size, cfg.cast)
     out = AutoEncoder(replace(vae_cfg, scale_factor=scale, shift_factor=shift))
     out.load_state_dict(ae.state_dict())
     return out.eval(), hist

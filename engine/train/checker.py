@@ -52,6 +52,15 @@ def background(img: np.ndarray) -> np.ndarray:
     return np.median(border, axis=0)
 
 
+def white_balance(img: Image.Image) -> Image.Image:
+    """`img` with each channel scaled so that its border background is neutral: undoes a colour cast."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float64)  # (H, W, 3)
+    bg = background(arr)
+    if bg.min() <= 0:
+        return img.convert("RGB")
+    return Image.fromarray(np.clip(np.round(arr * (bg.max() / bg)), 0, 255).astype(np.uint8))
+
+
 def unmix(img: np.ndarray, residual_tol: float = 40.0) -> tuple[np.ndarray, np.ndarray]:
     """Explain every pixel as background blended with one palette colour. img: (H, W, 3) float.
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.train.checker import check
+from engine.train.checker import check, white_balance
 from engine.train.dataset import (
     first_prompt,
     parse_image_list,
@@ -46,10 +46,13 @@ def own_t2i_records(
     params: dict | None = None,
     batch_size: int = 64,
     image_dir: str = "images/own",
+    white_balance_samples: bool = False,
 ) -> tuple[list[dict], list[dict], dict]:
     """(refine records, judge records, stats) from `per_prompt` own samples of every spec.
 
-    Seeds come from the per-prompt generator, so the samples of a prompt do not depend on the others."""
+    Seeds come from the per-prompt generator, so the samples of a prompt do not depend on the others. With
+    `white_balance_samples` (a model trained under colour casts) each sample is stored neutral, like the
+    world's renders, so that training can give both images of a pair one shared cast."""
     root = Path(root)
     renders: dict[str, list[str]] = defaultdict(list)
     for r in t2i_records:
@@ -69,6 +72,8 @@ def own_t2i_records(
     stats = {"samples": len(requests), "aligned": 0, "pairs": 0, "no_render": 0}
     for (spec, j), rounds in zip(owners, outputs, strict=True):
         image = rounds[-1].image
+        if white_balance_samples:
+            image = white_balance(image)
         labels = check(image, spec)
         rel = save_image(image, root, f"{image_dir}/{prompt_key(spec.text)}_{j}.png")
         judge.append(understanding_record(rel, spec.text, labels["overall"]))

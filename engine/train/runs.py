@@ -99,6 +99,10 @@ class RunConfig:
     # aligned inputs the RvR stage also learns to keep (pairing.keep_pairs; needs "nearest"): "own" aligned
     # samples of the T2I stage, the "world" pairs' aligned renders
     rvr_keep: tuple[str, ...] = ()
+    # > 0: the world's generators have a colour cast (world.random_cast) of this strength: every autoencoder,
+    # text-to-image and judge image gets its own, and both images of a refine pair share one (a misaligned
+    # and an aligned sample of one generator), so only the input image tells RvR the cast to keep
+    world_cast: float = 0.0
 
 
 def _stage_cfgs(
@@ -147,6 +151,14 @@ def _stage_cfgs(
             **common,
         ),
     }
+
+
+def with_world_cast(run: RunConfig, strength: float) -> RunConfig:
+    """`run` with RunConfig.world_cast = strength carried into the autoencoder and every stage's mixture."""
+    stages = {
+        name: replace(cfg, image_cast=strength, refine_pair_cast=strength) for name, cfg in run.stages.items()
+    }
+    return replace(run, world_cast=strength, ae=replace(run.ae, cast=strength), stages=stages)
 
 
 def _with_rvr_steps(run: RunConfig, steps: int) -> RunConfig:
@@ -347,6 +359,7 @@ def own_stage(data: Path, t2i_dir: Path, run: RunConfig) -> dict:
         run.own_per_prompt,
         run.image_size,
         params={"steps": run.eval_steps},
+        white_balance_samples=run.world_cast > 0,
     )
     write_own_dataset(data, refine, judge)
     return stats
@@ -486,6 +499,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, RunConfig, tuple[str
         help="override the RvR stage's refine prompt dropout",
     )
     ap.add_argument(
+        "--world-cast",
+        type=float,
+        default=None,
+        help="colour-cast strength of the world's generators, in every stage (RunConfig.world_cast)",
+    )
+    ap.add_argument(
         "--rvr-pair-cast",
         type=float,
         default=None,
@@ -505,6 +524,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, RunConfig, tuple[str
     rvr_overrides = {k: v for k, v in rvr_overrides.items() if v is not None}
     if rvr_overrides:
         run = replace(run, stages={**run.stages, "rvr": replace(run.stages["rvr"], **rvr_overrides)})
+    if a.world_cast is not None:
+        run = with_world_cast(run, a.world_cast)
     return a.out, run, tuple(a.stages.split(","))
 
 

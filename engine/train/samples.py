@@ -112,6 +112,8 @@ class MixtureConfig:
     # > 0: both images of a refine pair get one random colour cast of this strength (world.random_cast),
     # like two samples of one generator sharing its white balance; only the input image tells the cast
     refine_pair_cast: float = 0.0
+    # > 0: every text-to-image and understanding image gets its own random cast of this strength
+    image_cast: float = 0.0
 
 
 class Mixture:
@@ -136,6 +138,13 @@ class Mixture:
     def _image(self, path: str) -> Image.Image:
         return open_rgb(resolve(self.root, path))
 
+    def _cast_image(self, path: str, rng: np.random.Generator) -> tuple[Image.Image, str | None]:
+        """(image, latent cache key): under its own random cast when `image_cast` > 0 (then not cached)."""
+        img = self._image(path)
+        if self.cfg.image_cast > 0:
+            return color_cast(img, random_cast(rng, self.cfg.image_cast)), None
+        return img, path
+
     def make(self, kind: str, rec: dict, rng: np.random.Generator) -> Sample:
         if kind == "rvr":
             mis, ali = parse_image_list(rec["image_list"])
@@ -153,17 +162,16 @@ class Mixture:
                 drop_image=rng.random() < self.cfg.refine_image_dropout,
             )
         if kind == "t2i":
-            path = parse_image_list(rec["image_list"])[0]
+            img, key = self._cast_image(parse_image_list(rec["image_list"])[0], rng)
             return t2i_sample(
                 self.tok,
-                self.enc.latents(self._image(path), key=path),
+                self.enc.latents(img, key=key),
                 first_prompt(rec["user_prompt"]),
                 drop_text=rng.random() < self.cfg.text_dropout,
             )
         if kind == "und":
-            return und_sample(
-                self.tok, self.enc.vit(self._image(rec["image"])), rec["question"], rec["answer"]
-            )
+            img, _ = self._cast_image(rec["image"], rng)
+            return und_sample(self.tok, self.enc.vit(img), rec["question"], rec["answer"])
         raise ValueError(f"unknown sample kind {kind!r}")
 
     def batch(

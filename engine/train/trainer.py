@@ -79,6 +79,7 @@ class TrainConfig:
     refine_prompt_dropout: float = 0.0
     refine_image_dropout: float = 0.0
     refine_pair_cast: float = 0.0  # colour-cast strength shared by a refine pair (MixtureConfig)
+    image_cast: float = 0.0  # colour-cast strength of each t2i / und image (MixtureConfig)
     # "inference": the 187-char prompt the engine (and the released app) uses at refine time, so a model
     # trained here matches serving; "train": the release's 157-char training variant (rvr.md §5.2).
     system_prompt: str = "inference"
@@ -285,6 +286,7 @@ def train(
             cfg.refine_image_dropout,
             SYSTEM_PROMPTS[cfg.system_prompt],
             cfg.refine_pair_cast,
+            cfg.image_cast,
         ),
     )
     vae_state = vae.state_dict()

@@ -1,5 +1,7 @@
 """The model's own T2I samples as judge samples and refine pairs, labelled by the checker."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -82,3 +84,31 @@ def test_own_samples_from_the_real_engine_are_its_generations(tiny_engine, tmp_p
     seed = int(prompt_rng(2, specs[0].text).integers(2**31))
     alone = tiny_engine.generate(specs[0].text, 64, 64, seed=seed, steps=2).image
     assert (np.asarray(open_rgb(tmp_path / judge[0]["image"])) == np.asarray(alone)).all()
+
+
+def test_white_balanced_own_samples_are_stored_neutral(tmp_path):
+    """A model trained under colour casts samples tinted images; with white_balance_samples they are stored
+    with a neutral background (so a refine pair can get one shared cast) and labelled as before."""
+    from engine.train.checker import background
+    from engine.train.world import color_cast
+
+    specs = _specs()
+
+    class TintedT2I(RenderingT2I):
+        def run_batch(self, requests, batch_size):
+            out = super().run_batch(requests, batch_size)
+            for rounds in out:
+                rounds[-1] = replace(
+                    rounds[-1], image=color_cast(rounds[-1].image, np.array([0.8, 1.0, 0.9]))
+                )
+            return out
+
+    t2i = build_t2i_records(specs, tmp_path, seed=0, per_prompt=4)
+    plain = own_t2i_records(RenderingT2I(specs), specs, t2i, tmp_path / "a", seed=0, per_prompt=4)
+    balanced = own_t2i_records(
+        TintedT2I(specs), specs, t2i, tmp_path / "b", seed=0, per_prompt=4, white_balance_samples=True
+    )
+    assert [r["answer"] for r in plain[1]] == [r["answer"] for r in balanced[1]]
+    for rec in balanced[1]:
+        bg = background(np.asarray(open_rgb(tmp_path / "b" / rec["image"]), dtype=np.float64))
+        assert bg.max() - bg.min() <= 2, bg

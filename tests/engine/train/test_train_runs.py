@@ -14,7 +14,7 @@ from engine.train.autoencoder import AETrainConfig, ae_losses, train_autoencoder
 from engine.train.dataset import read_records
 from engine.train.evaluate import MODES, summarize
 from engine.train.evaluate import main as eval_main
-from engine.train.runs import PROFILES, run_all
+from engine.train.runs import PROFILES, parse_args, run_all
 
 SMALL_VAE = VAEConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=4)
 
@@ -33,6 +33,20 @@ def test_autoencoder_steps_lower_reconstruction_and_standardise_latents():
         assert z.shape == (4, 4, 16, 16)
         assert abs(float(z.mean())) < 0.5 and 0.5 < float(z.std()) < 2.0
         assert torch.isfinite(ae_losses(ae, x, torch.Generator().manual_seed(0), 1e-6)[0])
+
+
+def test_world_cast_tints_autoencoder_renders_and_reaches_every_stage():
+    plain = world_batch(np.random.default_rng(1), 6, 32)
+    cast = world_batch(np.random.default_rng(1), 6, 32, cast=0.3)
+    corners_plain, corners_cast = plain[:, :, 0, 0], cast[:, :, 0, 0]  # (6, 3) background pixels in [-1, 1]
+    assert float((corners_plain.max(1).values - corners_plain.min(1).values).max()) < 0.02  # neutral
+    assert float((corners_cast.max(1).values - corners_cast.min(1).values).mean()) > 0.1  # tinted
+    _, run, _ = parse_args(["--out", "x", "--profile", "bundled", "--world-cast", "0.3"])
+    assert run.world_cast == 0.3 and run.ae.cast == 0.3
+    assert all(c.image_cast == c.refine_pair_cast == 0.3 for c in run.stages.values())
+    base = PROFILES["bundled"]()
+    assert base.world_cast == 0.0 and base.ae.cast == 0.0
+    assert all(c.image_cast == c.refine_pair_cast == 0.0 for c in base.stages.values())
 
 
 @pytest.mark.slow
@@ -55,6 +69,7 @@ def test_staged_run_end_to_end_and_resumes(tmp_path):
         "aligned",
         "misaligned",
         "blank",
+        "cast",
         "fresh",
     }
     engine = load_engine(model, device="cpu", dtype="float32")
