@@ -8,7 +8,7 @@ runs from three inputs with known answers, rendered by the world (never by the m
 - `aligned`     a render that satisfies the prompt;
 - `misaligned`  a render that breaks one of its dimensions;
 - `blank`       the empty background: nothing to keep;
-- `cast`        the aligned render under a random colour cast (world.color_cast): its tinted background is
+- `cast`        the aligned render under a random tint (world.casts, world.color_cast): its tinted background is
                 something the prompt never states, so only a refiner that reads the image can keep it.
 
 and is compared with a fresh text-to-image sample of the refine weights (`fresh`). Reported: the checker's
@@ -29,11 +29,11 @@ from PIL import Image
 from engine.train.checker import background, check
 from engine.train.pairing import thumbnail_distance
 from engine.train.prompts import PromptSpec, sample_scene, sample_violation
-from engine.train.world import BACKGROUND, DEFAULT_SIZE, color_cast, random_cast, render
+from engine.train.world import BACKGROUND, DEFAULT_SIZE, casts, color_cast, render
 from engine.types import GenerationRequest, SamplingParams
 
 INPUTS = ("aligned", "misaligned", "blank", "cast")
-PROBE_CAST = 0.25  # cast strength of the `cast` input: gains in [0.75, 1] per channel
+PROBE_CAST = 0.25  # strength of the `cast` input's tint (one of the six non-neutral world.casts)
 
 
 def probe_inputs(spec: PromptSpec, seed: int, size: int) -> tuple[dict[str, Image.Image], str]:
@@ -46,7 +46,7 @@ def probe_inputs(spec: PromptSpec, seed: int, size: int) -> tuple[dict[str, Imag
         "aligned": aligned,
         "misaligned": misaligned,
         "blank": Image.new("RGB", (size, size), BACKGROUND),
-        "cast": color_cast(aligned, random_cast(rng, PROBE_CAST)),
+        "cast": color_cast(aligned, casts(PROBE_CAST)[1 + int(rng.integers(6))]),
     }, broken[0]
 
 

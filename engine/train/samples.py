@@ -100,6 +100,11 @@ def und_sample(tok: Tokenizer, image_vit: VitSplit, question: str, answer: str) 
     return Sample([image_vit, text_split(tok, question), text_split(tok, answer, loss=True)], "und")
 
 
+def _cast_key(path: str, gains: np.ndarray) -> str:
+    """Latent cache key of an image under a cast (the casts are a small fixed set: world.casts)."""
+    return f"{path}|cast=" + ",".join(f"{g:.4f}" for g in gains)
+
+
 @dataclass
 class MixtureConfig:
     """Group weights (rvr:und:t2i = 2:1:1 in the release) and dropout probabilities."""
@@ -139,10 +144,11 @@ class Mixture:
         return open_rgb(resolve(self.root, path))
 
     def _cast_image(self, path: str, rng: np.random.Generator) -> tuple[Image.Image, str | None]:
-        """(image, latent cache key): under its own random cast when `image_cast` > 0 (then not cached)."""
+        """(image, latent cache key): under its own random cast when `image_cast` > 0 (cached per cast)."""
         img = self._image(path)
         if self.cfg.image_cast > 0:
-            return color_cast(img, random_cast(rng, self.cfg.image_cast)), None
+            gains = random_cast(rng, self.cfg.image_cast)
+            return color_cast(img, gains), _cast_key(path, gains)
         return img, path
 
     def make(self, kind: str, rec: dict, rng: np.random.Generator) -> Sample:
@@ -151,7 +157,8 @@ class Mixture:
             mis_img, ali_img, ali_key = self._image(mis), self._image(ali), ali
             if self.cfg.refine_pair_cast > 0:
                 gains = random_cast(rng, self.cfg.refine_pair_cast)
-                mis_img, ali_img, ali_key = color_cast(mis_img, gains), color_cast(ali_img, gains), None
+                mis_img, ali_img = color_cast(mis_img, gains), color_cast(ali_img, gains)
+                ali_key = _cast_key(ali, gains)
             return refine_sample(
                 self.tok,
                 self.enc.vit(mis_img),

@@ -179,11 +179,16 @@ def fits(obj: Obj, placed: list[Obj]) -> bool:
     return not any(boxes_overlap(obj, p, OBJECT_GAP) for p in placed)
 
 
+def casts(strength: float) -> np.ndarray:
+    """The world's generator white balances: neutral and the six tints that lower one or two channels by
+    `strength` (the largest gain stays 1, so a cast tints without darkening). (7, 3) float."""
+    corners = np.array([[int(c) for c in f"{k:03b}"] for k in range(7)], dtype=np.float64)  # (7, 3)
+    return 1.0 - strength * corners
+
+
 def random_cast(rng: np.random.Generator, strength: float) -> np.ndarray:
-    """Per-channel gains in [1 - strength, 1], the largest exactly 1: a generator's colour cast (its white
-    balance), which tints without darkening. (3,) float."""
-    gains = rng.uniform(1.0 - strength, 1.0, size=3)
-    return gains / gains.max()
+    """One of `casts(strength)`, uniformly: a generator's colour cast. (3,) float."""
+    return casts(strength)[int(rng.integers(7))]
 
 
 def color_cast(img: Image.Image, gains: np.ndarray) -> Image.Image:

@@ -230,16 +230,16 @@ def test_pair_cast_tints_both_images_of_a_refine_pair_alike(ckpt, world):
         (_, mis, _), (_, ali, key) = spy.seen
         ratios = [bg(img) / bg(orig) for img, orig in zip((mis, ali), originals, strict=True)]
         if strength == 0:
-            assert key is not None and all(np.allclose(r, 1.0) for r in ratios)
+            assert key == parse_image_list(rec["image_list"])[1] and all(np.allclose(r, 1.0) for r in ratios)
         else:
-            assert key is None
+            assert "|cast=" in key  # the cast target has its own cache entry
             assert np.abs(ratios[0] - ratios[1]).max() < 0.02  # one cast for both images
             assert ratios[0].min() < 0.97 and np.isclose(ratios[0].max(), 1.0, atol=0.02)
 
 
 def test_image_cast_tints_t2i_and_und_images_each_on_its_own(ckpt, world):
-    """image_cast: text-to-image targets and understanding images get independent random casts (never from
-    the latent cache); refine pairs are left to refine_pair_cast."""
+    """image_cast: text-to-image targets and understanding images get independent random casts from the
+    world's fixed set (cached per cast); refine pairs are left to refine_pair_cast."""
     from engine.train.checker import background
 
     root, records = world
@@ -257,10 +257,9 @@ def test_image_cast_tints_t2i_and_und_images_each_on_its_own(ckpt, world):
 
     mix = Mixture(tok, Spy(cfg, vae), root, records, MixtureConfig({"t2i": 1, "und": 1}, image_cast=0.3))
     rng = np.random.default_rng(2)
-    for _ in range(3):
+    for _ in range(6):
         mix.make("t2i", records["t2i"][0], rng)
         mix.make("und", records["und"][0], rng)
-    bgs = [background(np.asarray(img, dtype=np.float64)) for _, img, _ in seen]
-    assert all(key is None for kind, _, key in seen if kind == "latents")
-    assert all(bg.max() - bg.min() > 3 for bg in bgs)  # every image tinted
-    assert len({tuple(np.round(bg)) for bg in bgs}) == len(bgs)  # each with its own cast
+    tints = {tuple(np.round(background(np.asarray(img, dtype=np.float64)) / 10)) for _, img, _ in seen}
+    assert len(tints) >= 4  # independent casts, not one per run
+    assert all("|cast=" in key for kind, _, key in seen if kind == "latents")
