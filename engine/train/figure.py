@@ -63,10 +63,17 @@ def paired_caption(run: Path) -> str:
     ev = json.loads((run / "eval.json").read_text())
     n, vs = ev["n"], ev["vs_t2i"]["rvr1"]
     failed = sum(not r["ok_t2i"] for r in ev["rows"])
-    return (
+    caption = (
         f"RvR x1 on all {n} held-out samples:\n"
         f"fixed {vs['fixed']} of {failed} rejected T2I images, broke {vs['broke']} of {n - failed} accepted"
     )
+    cast = ev.get("image_use", {}).get("cast")
+    if cast:
+        caption += (
+            f"\nbackground vs a tinted input: RvR {cast['rvr_from_cast']:.1f}, "
+            f"fresh T2I {cast['fresh']:.1f} (RGB distance)"
+        )
+    return caption
 
 
 def draw_grid(

@@ -143,3 +143,15 @@ def test_refine_figure_grid_draws_prompt_and_both_images():
         [("a red circle", im, im), ("two squares", im, im)], scale=2, caption="fixed 1 of 2"
     )
     assert captioned.width == fig.width and captioned.height > fig.height
+
+
+def test_figure_caption_states_fixed_broke_and_the_cast_probe(tmp_path):
+    from engine.train.figure import paired_caption
+
+    rows = [{"ok_t2i": False}, {"ok_t2i": True}, {"ok_t2i": True}]
+    ev = {"n": 3, "vs_t2i": {"rvr1": {"fixed": 1, "broke": 0}}, "rows": rows}
+    (tmp_path / "eval.json").write_text(json.dumps(ev))
+    assert paired_caption(tmp_path).endswith("fixed 1 of 1 rejected T2I images, broke 0 of 2 accepted")
+    ev["image_use"] = {"cast": {"rvr_from_cast": 8.04, "fresh": 31.2}}
+    (tmp_path / "eval.json").write_text(json.dumps(ev))
+    assert "RvR 8.0, fresh T2I 31.2" in paired_caption(tmp_path)
