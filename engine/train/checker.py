@@ -52,13 +52,19 @@ def background(img: np.ndarray) -> np.ndarray:
     return np.median(border, axis=0)
 
 
-def white_balance(img: Image.Image) -> Image.Image:
-    """`img` with each channel scaled so that its border background is neutral: undoes a colour cast."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float64)  # (H, W, 3)
-    bg = background(arr)
+def _balanced(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(img, background) with each channel of img (H, W, 3) scaled so that its background is neutral; a
+    neutral background (every render without a cast) leaves img exactly as it is."""
+    bg = background(img)
     if bg.min() <= 0:
-        return img.convert("RGB")
-    return Image.fromarray(np.clip(np.round(arr * (bg.max() / bg)), 0, 255).astype(np.uint8))
+        return img, bg
+    return img * (bg.max() / bg), np.full(3, bg.max())
+
+
+def white_balance(img: Image.Image) -> Image.Image:
+    """`img` with its colour cast undone (world.color_cast), judged from its border background."""
+    arr, _ = _balanced(np.asarray(img.convert("RGB"), dtype=np.float64))
+    return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
 
 
 def unmix(img: np.ndarray, residual_tol: float = 40.0) -> tuple[np.ndarray, np.ndarray]:
@@ -71,10 +77,7 @@ def unmix(img: np.ndarray, residual_tol: float = 40.0) -> tuple[np.ndarray, np.n
     A tinted background (a colour cast, world.color_cast) is first scaled back to neutral, channel by
     channel; a neutral one (every render without a cast) is left exactly as it is.
     """
-    bg = background(img)
-    if bg.min() > 0:
-        img = img * (bg.max() / bg)  # (H, W, 3): white-balanced on the background
-        bg = np.full(3, bg.max())
+    img, bg = _balanced(img)
     d = _PALETTE_RGB - bg  # (K, 3) direction from the background to each colour
     p = img - bg  # (H, W, 3)
     alpha = np.einsum("hwc,kc->hwk", p, d) / (d * d).sum(-1)  # (H, W, K) coverage along each colour

@@ -143,7 +143,7 @@ class Mixture:
     def _image(self, path: str) -> Image.Image:
         return open_rgb(resolve(self.root, path))
 
-    def _cast_image(self, path: str, rng: np.random.Generator) -> tuple[Image.Image, str | None]:
+    def _cast_image(self, path: str, rng: np.random.Generator) -> tuple[Image.Image, str]:
         """(image, latent cache key): under its own random cast when `image_cast` > 0 (cached per cast)."""
         img = self._image(path)
         if self.cfg.image_cast > 0:
