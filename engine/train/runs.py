@@ -516,6 +516,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, RunConfig, tuple[str
         run = replace(run, rvr_pairing=a.rvr_pairing)
     if a.rvr_keep is not None:
         run = replace(run, rvr_keep=tuple(k for k in a.rvr_keep.split(",") if k))
+    if a.world_cast is not None:
+        run = with_world_cast(run, a.world_cast)
     rvr_overrides = {
         "lr": a.rvr_lr,
         "refine_prompt_dropout": a.rvr_prompt_dropout,
@@ -524,8 +526,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, RunConfig, tuple[str
     rvr_overrides = {k: v for k, v in rvr_overrides.items() if v is not None}
     if rvr_overrides:
         run = replace(run, stages={**run.stages, "rvr": replace(run.stages["rvr"], **rvr_overrides)})
-    if a.world_cast is not None:
-        run = with_world_cast(run, a.world_cast)
     return a.out, run, tuple(a.stages.split(","))
 
 

@@ -44,6 +44,10 @@ def test_world_cast_tints_autoencoder_renders_and_reaches_every_stage():
     _, run, _ = parse_args(["--out", "x", "--profile", "bundled", "--world-cast", "0.3"])
     assert run.world_cast == 0.3 and run.ae.cast == 0.3
     assert all(c.image_cast == c.refine_pair_cast == 0.3 for c in run.stages.values())
+    # an explicit RvR-stage option wins over the world's
+    argv = ["--out", "x", "--profile", "bundled", "--world-cast", "0.3", "--rvr-pair-cast", "0.1"]
+    _, both, _ = parse_args(argv)
+    assert both.stages["rvr"].refine_pair_cast == 0.1 and both.stages["t2i"].refine_pair_cast == 0.3
     base = PROFILES["bundled"]()
     assert base.world_cast == 0.0 and base.ae.cast == 0.0
     assert all(c.image_cast == c.refine_pair_cast == 0.0 for c in base.stages.values())
