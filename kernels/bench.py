@@ -135,8 +135,21 @@ def _dense_inputs(shape: Shape, layout, q, k, v, kc, vc) -> list[torch.Tensor]:
     return [qp, kp, vp, mask]
 
 
-def run_shape(shape: Shape, dtype, device, smoke: bool, methods: set[str]) -> tuple[list[dict], dict]:
-    timer = _timer(smoke)
+@dataclass
+class ShapeInputs:
+    """Seeded random inputs of one shape, its layout, the float32 reference output and the FLOP count."""
+
+    layout: object  # kernels.AttentionLayout
+    q: torch.Tensor  # (Tq, Hq, D)
+    k: torch.Tensor  # (Tq, Hkv, D)
+    v: torch.Tensor  # (Tq, Hkv, D)
+    kc: torch.Tensor  # (cache_rows, Hkv, D)
+    vc: torch.Tensor  # (cache_rows, Hkv, D)
+    ref: torch.Tensor  # (Tq, Hq, D) float32
+    flops: float  # 4·Hq·D per visible query-key pair
+
+
+def make_inputs(shape: Shape, dtype, device) -> ShapeInputs:
     g = torch.Generator(device="cpu").manual_seed(0)
     layout = build_layout(shape.specs, device)
     tq, tc = layout.total_q, shape.cache_rows
@@ -146,11 +159,18 @@ def run_shape(shape: Shape, dtype, device, smoke: bool, methods: set[str]) -> tu
 
     q, k, v = rnd(tq, shape.hq, shape.d), rnd(tq, shape.hkv, shape.d), rnd(tq, shape.hkv, shape.d)
     kc, vc = rnd(tc, shape.hkv, shape.d), rnd(tc, shape.hkv, shape.d)
-    flops = 4.0 * shape.hq * shape.d * layout.visible_pairs
-    f32 = [x.float() for x in (q, k, v, kc, vc)]
-    idx = layout.indices
-    ref = mixed_attention_reference(*f32, *idx, check=False)
-    del f32
+    ref = mixed_attention_reference(*(x.float() for x in (q, k, v, kc, vc)), *layout.indices, check=False)
+    return ShapeInputs(layout, q, k, v, kc, vc, ref, 4.0 * shape.hq * shape.d * layout.visible_pairs)
+
+
+def run_shape(
+    shape: Shape, dtype, device, smoke: bool, methods: set[str], inputs: ShapeInputs | None = None
+) -> tuple[list[dict], dict]:
+    """Time `methods` on one shape; `inputs` (make_inputs) can be shared with another benchmark."""
+    timer = _timer(smoke)
+    x = inputs or make_inputs(shape, dtype, device)
+    layout, q, k, v, kc, vc, ref, flops = x.layout, x.q, x.k, x.v, x.kc, x.vc, x.ref, x.flops
+    tc = shape.cache_rows
     cu = layout.cu_seqlens_q.tolist()
     rows: list[dict] = []
     extra: dict = {}

@@ -19,8 +19,8 @@ import sys
 
 import torch
 
-from kernels import attention_with_layout, build_layout, mixed_attention_reference
-from kernels.bench import _timer, build_shapes, conditions, run_shape
+from kernels import attention_with_layout
+from kernels.bench import ShapeInputs, _timer, build_shapes, conditions, make_inputs, run_shape
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for D <= 128 on Hopper; configs that exceed shared memory fail
 # to launch and are reported as errors.
@@ -47,23 +47,13 @@ def _load_kernel_module(path: str):
     return mod
 
 
-def sweep_shape(shape, dtype, device, smoke: bool, configs, prev=None) -> list[dict]:
+def sweep_shape(shape, inputs: ShapeInputs, dtype, smoke: bool, configs, prev=None) -> list[dict]:
     from kernels import _triton_attention as current
 
     timer = _timer(smoke)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    layout = build_layout(shape.specs, device)
-    tq, tc = layout.total_q, shape.cache_rows
-
-    def rnd(*s):
-        return torch.randn(*s, generator=g).to(device=device, dtype=dtype)
-
-    # q: (Tq, Hq, D); k, v: (Tq, Hkv, D); kc, vc: (cache_rows, Hkv, D)
-    q, k, v = rnd(tq, shape.hq, shape.d), rnd(tq, shape.hkv, shape.d), rnd(tq, shape.hkv, shape.d)
-    kc, vc = rnd(tc, shape.hkv, shape.d), rnd(tc, shape.hkv, shape.d)
+    x = inputs
+    layout, q, k, v, kc, vc, ref, flops = x.layout, x.q, x.k, x.v, x.kc, x.vc, x.ref, x.flops
     idx = layout.indices
-    ref = mixed_attention_reference(*(x.float() for x in (q, k, v, kc, vc)), *idx, check=False)
-    flops = 4.0 * shape.hq * shape.d * layout.visible_pairs
     tol = 2e-2 if dtype != torch.float32 else 1e-4
     rows = []
 
@@ -122,8 +112,9 @@ def main(argv=None) -> int:
     for shape in build_shapes(args.smoke):
         if shape.name not in wanted:
             continue
-        rows = sweep_shape(shape, dtype, device, args.smoke, configs, prev)
-        base, _ = run_shape(shape, dtype, device, args.smoke, {"sdpa_branch", "sdpa_dense"})
+        inputs = make_inputs(shape, dtype, device)  # one set of inputs and one reference for both
+        rows = sweep_shape(shape, inputs, dtype, args.smoke, configs, prev)
+        base, _ = run_shape(shape, dtype, device, args.smoke, {"sdpa_branch", "sdpa_dense"}, inputs)
         sdpa = min((r["ms"] for r in base if "ms" in r), default=None)
         print(f"\n== {shape.name}  (best SDPA: {sdpa:.3f} ms)" if sdpa else f"\n== {shape.name}")
         print(f"{'kernel':<8}{'config':<58}{'ms':>9}{'TFLOP/s':>9}{'x SDPA':>8}  ok")

@@ -14,17 +14,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(*args, tmp_path):
+def _run(*args, tmp_path, module="kernels.bench", interpret=False, timeout=180):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return subprocess.run(
-        [sys.executable, "-m", "kernels.bench", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         env=env,
         cwd=tmp_path,
-        timeout=180,
+        timeout=timeout,
     )
 
 
@@ -56,19 +58,10 @@ def test_bench_without_cuda(tmp_path):
 def test_sweep_smoke(tmp_path):
     """`python -m kernels.sweep --smoke` under the interpreter: every config and the predecessor kernel
     (here the same file) are checked against the reference and timed, SDPA timed beside them."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     out = tmp_path / "sweep.json"
     prev = ROOT / "kernels" / "_triton_attention.py"
     args = ["--smoke", "--shapes", "prefill", "--prev", str(prev), "--out", str(out)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "kernels.sweep", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    proc = _run(*args, tmp_path=tmp_path, module="kernels.sweep", interpret=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     kernels = {(r["kernel"], str(r["config"])) for r in data["results"]}
