@@ -45,6 +45,9 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_conf
 STATE_DIR = "train_state"
 # optimizer state as whole tensors keyed by parameter name, whatever the sharding it was saved under
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# AdamW keeps no state for a parameter that never had a gradient (a T2I-only mixture leaves the text expert's
+# last layers without one), so the saved state may lack it; it gets none on resume either, as it had none
+RESUME_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False)
 
 
 @dataclass
@@ -221,7 +224,7 @@ class Trainer:
         ema = load_file(str(state / "ema_fp32.safetensors"))
         self.ema = {k: like(v, params[k]) for k, v in ema.items()}
         opt = torch.load(state / "optimizer.pt", weights_only=True)
-        set_optimizer_state_dict(self.root, self.opt, opt["opt"], options=FULL_STATE)
+        set_optimizer_state_dict(self.root, self.opt, opt["opt"], options=RESUME_STATE)
         self.sched.load_state_dict(opt["sched"])
         self.step = json.loads((state / "state.json").read_text())["step"]
         return True

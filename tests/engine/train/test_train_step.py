@@ -1,6 +1,8 @@
 """Training: packing and mask, a step lowers the loss on a fixed batch, and the saved checkpoint reloads into
 the engine with the same outputs as the trained weights (judge and one refine step)."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -263,3 +265,18 @@ def test_image_cast_tints_t2i_and_und_images_each_on_its_own(ckpt, world):
     tints = {tuple(np.round(background(np.asarray(img, dtype=np.float64)) / 10)) for _, img, _ in seen}
     assert len(tints) >= 4  # independent casts, not one per run
     assert all("|cast=" in key for kind, _, key in seen if kind == "latents")
+
+
+def test_a_stopped_t2i_run_resumes_to_the_weights_of_an_uninterrupted_one(ckpt, world, tmp_path):
+    """A text-to-image-only mixture leaves parameters without gradients (the text expert's last layers feed no
+    loss), so AdamW keeps no state for them; resuming must accept that and continue bit-exactly."""
+    root, records = world
+    cfg = TrainConfig(steps=3, lr=1e-3, warmup_steps=1, max_rows=200, save_every=1, mixture={"t2i": 1.0})
+    whole, _ = train(ckpt, root, records, tmp_path / "whole", cfg, progress=False)
+    train(ckpt, root, records, tmp_path / "split", replace(cfg, steps=2), progress=False)
+    resumed, hist = train(ckpt, root, records, tmp_path / "split", cfg, progress=False)
+    assert len(hist) == 1 and resumed.step == 3
+    untouched = [n for n, p in whole.model.named_parameters() if p.requires_grad and p not in whole.opt.state]
+    assert untouched  # the case this test is about
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
