@@ -237,18 +237,20 @@ PROFILES = {
     # dimension, unfiltered), as BAGEL's base was pretrained on scraped captions; the judge and RvR data
     # stay checker-verified, as the paper builds them.
     "noisy-captions": lambda: replace(PROFILES["single"](), caption_noise=0.3),
-    # The bundled model (engine/assets/demo, b5 in bench/RESULTS.md): `single` with a 5,000-step RvR stage.
+    # b5 in bench/RESULTS.md, the bundled model until session 5: `single` with a 5,000-step RvR stage.
     "bundled": lambda: _with_rvr_steps(PROFILES["single"](), 5000),
-    # d5 in bench/RESULTS.md, the first model that reads its input image: `bundled` in a world with casts,
-    # a 3,000-step autoencoder, and an RvR stage of 2,000 refine-only steps at lr 1e-3.
+    # The bundled model (engine/assets/demo, e3 in bench/RESULTS.md), which reads its input image: `bundled`
+    # in a world with casts, a 3,000-step autoencoder, a 9,000-step T2I stage, and an RvR stage of 3,000
+    # steps at lr 1e-3 with refine and T2I samples 3:1 (T2I keeps the refine weights a good generator).
     "bundled-cast": lambda: _bundled_cast(),
 }
 
 
 def _bundled_cast() -> RunConfig:
     run = with_world_cast(PROFILES["bundled"](), 0.25)
-    rvr = replace(run.stages["rvr"], lr=1e-3, mixture={"rvr": 1.0}, steps=2000)
-    return replace(run, ae=replace(run.ae, steps=3000), stages={**run.stages, "rvr": rvr})
+    t2i = replace(run.stages["t2i"], steps=9000)
+    rvr = replace(run.stages["rvr"], lr=1e-3, mixture={"rvr": 3.0, "t2i": 1.0}, steps=3000)
+    return replace(run, ae=replace(run.ae, steps=3000), stages={**run.stages, "t2i": t2i, "rvr": rvr})
 
 
 def model_config(name: str, vocab_size: int) -> BagelConfig:

@@ -161,14 +161,22 @@ def test_figure_caption_states_fixed_broke_and_the_cast_probe(tmp_path):
     assert "RvR 8.0, fresh T2I 31.2" in paired_caption(tmp_path)
 
 
-def test_bundled_cast_profile_is_the_d5_recipe():
-    """`bundled-cast` (d5): the `bundled` world under casts, a 3,000-step autoencoder and a refine-only RvR
-    stage of 2,000 steps at lr 1e-3; everything else as `bundled`."""
+def test_bundled_cast_profile_is_the_recipe_of_the_bundled_model():
+    """`bundled-cast` (e3, the bundled model): the `bundled` world under casts, a 3,000-step autoencoder, a
+    9,000-step T2I stage and an RvR stage of 3,000 steps at lr 1e-3 with refine and T2I samples 3:1;
+    everything else as `bundled`."""
     run, base = PROFILES["bundled-cast"](), PROFILES["bundled"]()
     assert run.world_cast == run.ae.cast == 0.25 and run.ae.steps == 3000
     rvr = run.stages["rvr"]
-    assert (rvr.lr, rvr.mixture, rvr.steps, rvr.refine_pair_cast) == (1e-3, {"rvr": 1.0}, 2000, 0.25)
-    assert replace(run.stages["t2i"], image_cast=0.0, refine_pair_cast=0.0) == base.stages["t2i"]
+    assert (rvr.lr, rvr.mixture, rvr.steps, rvr.refine_pair_cast) == (
+        1e-3,
+        {"rvr": 3.0, "t2i": 1.0},
+        3000,
+        0.25,
+    )
+    t2i = run.stages["t2i"]
+    assert t2i.steps == 9000
+    assert replace(t2i, image_cast=0.0, refine_pair_cast=0.0, steps=6000) == base.stages["t2i"]
     assert (run.n_prompts, run.categories, run.eval_seeds) == (
         base.n_prompts,
         base.categories,

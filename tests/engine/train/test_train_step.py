@@ -278,5 +278,7 @@ def test_a_stopped_t2i_run_resumes_to_the_weights_of_an_uninterrupted_one(ckpt, 
     assert len(hist) == 1 and resumed.step == 3
     untouched = [n for n, p in whole.model.named_parameters() if p.requires_grad and p not in whole.opt.state]
     assert untouched  # the case this test is about
-    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (name, a), b in zip(
+        whole.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
