@@ -1,4 +1,4 @@
-"""The bundled demo model (engine/assets/demo, trained by `rvr train --profile bundled`): it is the default
+"""The bundled demo model (engine/assets/demo, trained by `rvr train --profile bundled-cast`): it is the default
 checkpoint, ships within the size budget with its held-out prompts, serves at its training size, and
 `rvr eval` on it scores above the prompt-blind chance level on what it learned."""
 
