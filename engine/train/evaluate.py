@@ -187,6 +187,13 @@ def summarize(rows: list[dict], modes: Sequence[str], judge_threshold: float = 0
         for m in modes
         if m != "t2i"
     }
+    # one retry of a rejected t2i image, gated by the checker itself (an oracle verifier): re-rolling and
+    # refining get the same second chance, so this compares them apart from the judge's quality
+    gated = {
+        m: _rate([r["ok_t2i"] or r[f"ok_{m}"] for r in rows if "ok_t2i" in r and f"ok_{m}" in r])
+        for m in ("t2i_reroll", "rvr1")
+        if m in modes
+    }
     return {
         "n": len(rows),
         "mean_over_categories": mean,
@@ -196,6 +203,7 @@ def summarize(rows: list[dict], modes: Sequence[str], judge_threshold: float = 0
         "vs_t2i": paired,
         "judge_agreement_with_checker": sum(judge_agree) / len(judge_agree) if judge_agree else None,
         "mean_rounds_until": sum(r["rounds_until"] for r in rows) / max(1, len(rows)),
+        "checker_gated_retry": gated,
         "rows": rows,
     }
 
@@ -227,6 +235,11 @@ def format_summary(s: dict) -> str:
     if s["judge_agreement_with_checker"] is not None:
         lines.append(f"  judge agrees with checker on t2i images: {s['judge_agreement_with_checker']:.3f}")
     lines.append(f"  mean RvR rounds in rvr_until: {s['mean_rounds_until']:.2f}")
+    if s.get("checker_gated_retry"):
+        lines.append(
+            "  one retry of rejected t2i images, gated by the checker: "
+            + ", ".join(f"{m} {v:.3f}" for m, v in s["checker_gated_retry"].items())
+        )
     if "prompt_blind" in s:
         b = s["prompt_blind"]
         dims = ", ".join(f"{d} {v:.3f}" for d, v in b["per_dimension"].items())
@@ -281,6 +294,12 @@ def markdown_table(s: dict) -> str:
         lines.append(
             f"Judge agrees with the checker on {s['judge_agreement_with_checker']:.3f} of the T2I images; "
             f"RvR-until used {s['mean_rounds_until']:.2f} rounds on average."
+        )
+    gated = s.get("checker_gated_retry", {})
+    if {"t2i_reroll", "rvr1"} <= set(gated):
+        lines.append(
+            "With the checker itself deciding which T2I images get one retry, re-rolling them scores "
+            f"{gated['t2i_reroll']:.3f} and one RvR round {gated['rvr1']:.3f}."
         )
     return "\n".join(lines)
 

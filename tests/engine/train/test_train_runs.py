@@ -12,7 +12,7 @@ from engine.config import VAEConfig
 from engine.loading import load_engine
 from engine.train.autoencoder import AETrainConfig, ae_losses, train_autoencoder, world_batch
 from engine.train.dataset import read_records
-from engine.train.evaluate import MODES, summarize
+from engine.train.evaluate import MODES, format_summary, markdown_table, summarize
 from engine.train.evaluate import main as eval_main
 from engine.train.runs import PROFILES, parse_args, run_all
 
@@ -127,6 +127,15 @@ def test_summary_is_mean_over_categories():
     assert s["mean_rounds_until"] == pytest.approx(4 / 3)
     assert s["pooled"] == {"t2i": pytest.approx(1 / 3), "rvr1": pytest.approx(2 / 3)}
     assert s["vs_t2i"] == {"rvr1": {"fixed": 1, "broke": 0}}
+    assert s["checker_gated_retry"] == {"rvr1": pytest.approx(2 / 3)}  # no re-roll rows, no re-roll entry
+    rows[2]["ok_t2i_reroll"], rows[0]["ok_t2i_reroll"], rows[1]["ok_t2i_reroll"] = True, False, False
+    both = summarize(rows, ("t2i", "t2i_reroll", "rvr1"))
+    gated = both["checker_gated_retry"]
+    assert gated == {"t2i_reroll": pytest.approx(2 / 3), "rvr1": pytest.approx(2 / 3)}
+    assert "re-rolling them scores 0.667 and one RvR round 0.667." in markdown_table(both)
+    assert "gated by the checker: t2i_reroll 0.667, rvr1 0.667" in format_summary(
+        s | {"checker_gated_retry": gated}
+    )
 
 
 def test_demo_simple_profile_is_a_one_group_world_with_honest_heldout():
