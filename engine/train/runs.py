@@ -431,6 +431,7 @@ def run_all(out: str | Path, run: RunConfig, stages: tuple[str, ...] = STAGES, p
             t0 = time.time()
             stats = own_stage(data, prev, run)
             done("own", seconds=time.time() - t0, **stats)
+            records = None  # reread: the judge and RvR stages train on the own samples just written
         cfg = run.stages[stage]
         stage_dir = out / stage
         if stage in stages:

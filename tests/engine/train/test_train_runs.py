@@ -3,6 +3,7 @@ mini-GenEval scoring."""
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from engine.train.dataset import read_records
 from engine.train.evaluate import MODES, format_summary, markdown_table, summarize
 from engine.train.evaluate import main as eval_main
 from engine.train.runs import PROFILES, parse_args, run_all
+from engine.train.trainer import train
 
 SMALL_VAE = VAEConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=4)
 
@@ -54,14 +56,25 @@ def test_world_cast_tints_autoencoder_renders_and_reaches_every_stage():
 
 
 @pytest.mark.slow
-def test_staged_run_end_to_end_and_resumes(tmp_path):
+def test_staged_run_end_to_end_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "run"
+    import engine.train.runs as runs_module
+
+    und_sizes = {}
+
+    def recording_train(model_dir, data_root, records, out_dir, cfg, **kw):
+        und_sizes[Path(out_dir).name] = len(records["und"])
+        return train(model_dir, data_root, records, out_dir, cfg, **kw)
+
+    monkeypatch.setattr(runs_module, "train", recording_train)
     # nearest pairing with keep pairs covers pairing.py on the run's own records
     report = run_all(
         out, replace(PROFILES["smoke"](), rvr_pairing="nearest", rvr_keep=("own", "world")), progress=False
     )
     assert set(report["stages"]) == {"data", "ae", "init", "t2i", "own", "judge", "rvr", "export", "eval"}
     own = report["stages"]["own"]
+    # one process: the judge and RvR stages see the own samples written after the T2I stage
+    assert und_sizes["judge"] == und_sizes["rvr"] == und_sizes["t2i"] + own["samples"]
     assert own["samples"] == 2 * len(read_records(out / "data/train_specs.jsonl"))
     assert len(read_records(out / "data/own/und.jsonl")) == own["samples"]
     model = out / "model"
