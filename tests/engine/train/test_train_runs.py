@@ -58,15 +58,13 @@ def test_world_cast_tints_autoencoder_renders_and_reaches_every_stage():
 @pytest.mark.slow
 def test_staged_run_end_to_end_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    import engine.train.runs as runs_module
-
     und_sizes = {}
 
     def recording_train(model_dir, data_root, records, out_dir, cfg, **kw):
         und_sizes[Path(out_dir).name] = len(records["und"])
         return train(model_dir, data_root, records, out_dir, cfg, **kw)
 
-    monkeypatch.setattr(runs_module, "train", recording_train)
+    monkeypatch.setattr("engine.train.runs.train", recording_train)
     # nearest pairing with keep pairs covers pairing.py on the run's own records
     report = run_all(
         out, replace(PROFILES["smoke"](), rvr_pairing="nearest", rvr_keep=("own", "world")), progress=False
