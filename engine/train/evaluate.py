@@ -9,6 +9,10 @@ Modes, per prompt and seed (all images at the world's size):
                  until the judge accepts, at most `max_rounds`;
 - `reroll_rvr_weights` (with `rvr_weights_engine`) the re-roll drawn from the RvR weights: RvR fine-tuning
                  also trains text-to-image, so this separates "more training" from "refinement".
+- `edit`         (opt-in, for a model trained on edit pairs) refinement via editing: a `t2i` image the checker
+                 rejects is edited once with a coarse instruction built from the checker's verdict
+                 (editing.edit_instruction); an accepted one is kept. Compare it with the checker-gated
+                 retries, which get the same oracle.
 Scores follow GenEval: the fraction of prompts whose image the checker accepts, per category, and the
 mean over categories. The judge's agreement with the checker on the `t2i` images is reported too.
 """
@@ -29,11 +33,13 @@ from PIL import Image
 from engine.preprocess import tensor_to_pil, to_tensor
 from engine.train.checker import check
 from engine.train.dataset import read_specs
+from engine.train.editing import edit_instruction, failed_dims
 from engine.train.prompts import PromptSpec, random_scene, sample_scene
 from engine.train.world import DEFAULT_SIZE, render
 from engine.types import GenerationRequest, SamplingParams
 
 MODES = ("t2i", "t2i_reroll", "rvr1", "rvr2", "rvr_until")
+EDIT_MODE = "edit"
 REROLL_OFFSET = 1_000_003
 
 
@@ -53,9 +59,10 @@ def mini_geneval(
     refine_params: dict | None = None,
     save_dir: str | Path | None = None,
     rvr_weights_engine=None,
+    edit_params: dict | None = None,
 ) -> dict:
     """Run every mode on every (prompt, seed); returns scores and per-sample records."""
-    gp, rp = generate_params or {}, refine_params or {}
+    gp, rp, ep = generate_params or {}, refine_params or {}, edit_params or {}
     if rvr_weights_engine is not None:
         modes = (*modes, "reroll_rvr_weights")
     rows = []
@@ -90,6 +97,13 @@ def mini_geneval(
                     )
                     imgs["rvr_until"] = outs.image
                     rounds_used = outs.round_index
+            if EDIT_MODE in modes:
+                failed = failed_dims(check(t2i, spec), spec)
+                imgs[EDIT_MODE] = (
+                    engine.edit(t2i, edit_instruction(prompt, failed), seed=seed, **ep).image
+                    if failed
+                    else t2i
+                )
             labels = {m: check(imgs[m], spec) for m in modes if m in imgs}
             rows.append(
                 {
@@ -191,7 +205,7 @@ def summarize(rows: list[dict], modes: Sequence[str], judge_threshold: float = 0
     # refining get the same second chance, so this compares them apart from the judge's quality
     gated = {
         m: _rate([r["ok_t2i"] or r[f"ok_{m}"] for r in rows if "ok_t2i" in r and f"ok_{m}" in r])
-        for m in ("t2i_reroll", "rvr1")
+        for m in ("t2i_reroll", "rvr1", EDIT_MODE)
         if m in modes
     }
     return {
@@ -258,6 +272,7 @@ MODE_LABELS = {
     "rvr1": "RvR, 1 round",
     "rvr2": "RvR, 2 rounds",
     "rvr_until": "RvR until the judge accepts (<= 3)",
+    EDIT_MODE: "editing, instructed by the checker's verdict (rejected T2I images)",
 }
 
 
@@ -299,7 +314,8 @@ def markdown_table(s: dict) -> str:
     if {"t2i_reroll", "rvr1"} <= set(gated):
         lines.append(
             "With the checker itself deciding which T2I images get one retry, re-rolling them scores "
-            f"{gated['t2i_reroll']:.3f} and one RvR round {gated['rvr1']:.3f}."
+            f"{gated['t2i_reroll']:.3f} and one RvR round {gated['rvr1']:.3f}"
+            + (f"; editing them scores {gated[EDIT_MODE]:.3f}." if EDIT_MODE in gated else ".")
         )
     return "\n".join(lines)
 

@@ -34,8 +34,8 @@ def dense_attention(mask: torch.Tensor):
 
 @dataclass
 class ForwardOut:
-    velocity: torch.Tensor  # (Nl, C) predicted velocity of every latent token
-    target: torch.Tensor  # (Nl, C) eps - x0
+    velocity: torch.Tensor  # (Nn, C) predicted velocity of every noised latent token (context ones left out)
+    target: torch.Tensor  # (Nn, C) eps - x0
     logits: torch.Tensor  # (Nc, vocab) at the CE rows
     labels: torch.Tensor  # (Nc,)
 
@@ -65,10 +65,11 @@ def forward(model: Bagel, batch: PackedBatch) -> ForwardOut:
     layers = [(None, None)] * model.config.llm.num_hidden_layers  # no KV pool: nothing is cached
     h_und, h_gen = model.llm(embeds, fb, layers, dense_attention(b.mask.to(dev)))
     # Gen rows are exactly the latent rows, in order; und rows are the rest, in order.
-    velocity = model.velocity(h_gen) if b.lat_rows.numel() else torch.zeros(0, x0.shape[-1], device=dev)
+    scored = b.lat_loss.to(dev)  # (Nl,)
+    velocity = model.velocity(h_gen[scored]) if scored.any() else torch.zeros(0, x0.shape[-1], device=dev)
     und_index = torch.cumsum(~b.is_gen, 0) - 1  # (T,) row -> index among und rows
     logits = model.logits(h_und[und_index[b.ce_rows].to(dev)])
-    return ForwardOut(velocity, noise - x0, logits, b.ce_labels.to(dev))
+    return ForwardOut(velocity, (noise - x0)[scored], logits, b.ce_labels.to(dev))
 
 
 @dataclass

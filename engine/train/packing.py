@@ -5,7 +5,8 @@ A sample is a list of splits (rvr.md §2.2, bagel-model.md §2.6):
 - text   `<|im_start|> ids <|im_end|>`, causal, one RoPE position per token, optional CE on its tokens;
 - vit    `<|vision_start|> ViT tokens <|vision_end|>`, full (bidirectional), one RoPE position, then +1;
 - vae    `<|vision_start|> noised latents <|vision_end|>`, noise mode, one RoPE position, MSE on the
-         velocity of its latent tokens.
+         velocity of its latent tokens; or, `clean`, the clean latents of a context image (editing): full
+         mode at t = 0, one RoPE position, then +1, no loss (as the engine's edit context).
 
 Mask per sample: a causal split is lower-triangular within itself, a full or noise split is bidirectional
 within itself, every split sees the earlier splits except noise splits, which no other split may see.
@@ -42,8 +43,9 @@ class VitSplit:
 
 @dataclass
 class VaeSplit:
-    x0: torch.Tensor  # (N, latent_channels) clean scaled latent tokens of the target image
+    x0: torch.Tensor  # (N, latent_channels) clean scaled latent tokens of the target (or context) image
     position_ids: torch.Tensor  # (N,) row * max_latent_size + col
+    clean: bool = False  # a context image: seen at t = 0 by later splits, no loss
 
 
 Split = TextSplit | VitSplit | VaeSplit
@@ -84,6 +86,7 @@ class PackedBatch:
     lat_noise: torch.Tensor  # (Nl, C)
     lat_t: torch.Tensor  # (Nl,) flow time of each token's image
     lat_position_ids: torch.Tensor  # (Nl,)
+    lat_loss: torch.Tensor  # (Nl,) bool: noised target tokens (clean context latents take no loss)
     ce_rows: torch.Tensor  # (Nc,) und rows whose logits are scored
     ce_labels: torch.Tensor  # (Nc,)
     kinds: list[str] = field(default_factory=list)
@@ -109,7 +112,7 @@ def pack(
     is_gen: list[bool] = []
     text_rows, text_ids = [], []
     vit_rows, vit_patches, vit_pos, vit_cu = [], [], [], [0]
-    lat_rows, lat_x0, lat_noise, lat_t, lat_pos = [], [], [], [], []
+    lat_rows, lat_x0, lat_noise, lat_t, lat_pos, lat_loss = [], [], [], [], [], []
     ce_rows, ce_labels = [], []
     # (start, end, mode, sample index) of every split, for the mask
     spans: list[tuple[int, int, Mode, int]] = []
@@ -151,13 +154,20 @@ def pack(
                 positions.extend([rope] * n)
                 is_gen.extend([True] * n)
                 lat_x0.append(split.x0.float())
-                lat_noise.append(torch.randn(split.x0.shape, generator=generator))
-                t = shifted_timestep(torch.randn((), generator=generator), timestep_shift)
-                lat_t.append(t.expand(n))
                 lat_pos.append(split.position_ids)
+                lat_loss.append(torch.full((n,), not split.clean))
                 add_token(vision_end_id, rope)
-                # a noised image is the generation target: the RoPE counter does not advance past it
-                mode = "noise"
+                if split.clean:
+                    lat_noise.append(torch.zeros(split.x0.shape))
+                    lat_t.append(torch.zeros(n))  # x_t = x0 at t = 0
+                    rope += 1
+                    mode = "full"
+                else:
+                    lat_noise.append(torch.randn(split.x0.shape, generator=generator))
+                    t = shifted_timestep(torch.randn((), generator=generator), timestep_shift)
+                    lat_t.append(t.expand(n))
+                    # a noised image is the generation target: the RoPE counter does not advance past it
+                    mode = "noise"
             spans.append((start, len(positions), mode, si))
 
     t_rows = len(positions)
@@ -192,6 +202,7 @@ def pack(
         lat_noise=cat(lat_noise, 0),
         lat_t=cat(lat_t),
         lat_position_ids=cat(lat_pos, dtype=long),
+        lat_loss=cat(lat_loss, dtype=torch.bool),
         ce_rows=torch.tensor(ce_rows, dtype=long),
         ce_labels=torch.tensor(ce_labels, dtype=long),
         kinds=[s.kind for s in samples],

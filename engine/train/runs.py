@@ -2,7 +2,8 @@
 
     python -m engine.train.runs --out runs/world --profile demo
 
-1. data     world dataset (refine pairs, T2I targets, judge samples, held-out prompts);
+1. data     world dataset (refine pairs, T2I targets, judge samples, held-out prompts), and edit pairs
+            (editing.py) for profiles with `edit_per_prompt` > 0;
 2. ae       small FLUX-architecture autoencoder on world renders;
 3. init     tokenizer trained on the training prompts and fixed strings, random unified model
             (`llm2vae` zero-initialised as in BAGEL training), written as an engine checkpoint;
@@ -46,8 +47,12 @@ from engine.train.dataset import (
     read_records,
     read_specs,
     understanding_question,
+    write_records,
 )
+from engine.train.editing import build_edit_records
 from engine.train.evaluate import (
+    EDIT_MODE,
+    MODES,
     autoencoder_ceiling,
     format_summary,
     load_heldout,
@@ -103,6 +108,9 @@ class RunConfig:
     # text-to-image and judge image gets its own, and both images of a refine pair share one (a misaligned
     # and an aligned sample of one generator), so only the input image tells RvR the cast to keep
     world_cast: float = 0.0
+    # > 0: edit pairs per training prompt (editing.py), so a stage whose mixture has "edit" trains BAGEL's
+    # editing, and the evaluation adds refinement via editing
+    edit_per_prompt: int = 0
 
 
 def _stage_cfgs(
@@ -243,7 +251,16 @@ PROFILES = {
     # in a world with casts, a 3,000-step autoencoder, a 9,000-step T2I stage, and an RvR stage of 3,000
     # steps at lr 1e-3 with refine and T2I samples 3:1 (T2I keeps the refine weights a good generator).
     "bundled-cast": lambda: _bundled_cast(),
+    # `bundled-cast` whose judge stage also learns BAGEL's editing from 16 edit pairs per training prompt
+    # (und:t2i:edit = 3:1:1), so mini-GenEval can compare RvR with refinement via editing.
+    "bundled-cast-edit": lambda: with_edit(_bundled_cast(), 16),
 }
+
+
+def with_edit(run: RunConfig, per_prompt: int, weight: float = 1.0) -> RunConfig:
+    judge = run.stages["judge"]
+    judge = replace(judge, mixture={**judge.mixture, "edit": weight})
+    return replace(run, edit_per_prompt=per_prompt, stages={**run.stages, "judge": judge})
 
 
 def _bundled_cast() -> RunConfig:
@@ -355,7 +372,13 @@ def _records(data: Path, pairing: str = "random", keep: tuple[str, ...] = ()) ->
         if "world" in keep:
             aligned += [(parse_image_list(r["image_list"])[1], first_prompt(r["user_prompt"])) for r in world]
         rvr += keep_pairs(aligned, pools, data)
-    return {"rvr": rvr, "t2i": t2i, "und": read_records(data / "und/und.jsonl") + own_und}
+    edit = data / "edit/edit.jsonl"
+    return {
+        "rvr": rvr,
+        "t2i": t2i,
+        "und": read_records(data / "und/und.jsonl") + own_und,
+        "edit": read_records(edit) if edit.is_file() else [],
+    }
 
 
 def own_stage(data: Path, t2i_dir: Path, run: RunConfig) -> dict:
@@ -406,6 +429,18 @@ def run_all(out: str | Path, run: RunConfig, stages: tuple[str, ...] = STAGES, p
             caption_noise=run.caption_noise,
         )
         done("data", seconds=time.time() - t0, **stats)
+    edit_file = data / "edit/edit.jsonl"
+    if "data" in stages and run.edit_per_prompt and not edit_file.is_file():
+        t0 = time.time()
+        edits, stats = build_edit_records(
+            read_specs(data / "train_specs.jsonl"),
+            data,
+            run.seed,
+            run.image_size,
+            per_prompt=run.edit_per_prompt,
+        )
+        write_records(edits, edit_file)
+        done("edit_data", seconds=time.time() - t0, **stats)
     if "ae" in stages and not (ae_dir / "ae.safetensors").is_file():
         t0 = time.time()
         ae, hist = train_autoencoder(
@@ -470,8 +505,11 @@ def run_all(out: str | Path, run: RunConfig, stages: tuple[str, ...] = STAGES, p
             params["cfg_text"] = run.eval_cfg_text
         seeds = tuple(run.seed + s for s in run.eval_seeds)
         sampling = {"generate_params": params, "refine_params": params, "rvr_weights_engine": rvr_engine}
+        modes = (*MODES, EDIT_MODE) if run.edit_per_prompt else MODES
         t0 = time.time()
-        summary = mini_geneval(engine, specs, seeds, run.image_size, **sampling)
+        summary = mini_geneval(
+            engine, specs, seeds, run.image_size, modes=modes, edit_params=params, **sampling
+        )
         summary["autoencoder_ceiling"] = autoencoder_ceiling(engine.vae, specs, run.seed, run.image_size)
         summary["prompt_blind"] = prompt_blind(specs, run.seed, run.image_size)
         summary["image_use"] = image_use(engine, specs, seeds, run.image_size, **sampling)

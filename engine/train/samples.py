@@ -6,6 +6,10 @@
 - t2i: [prompt, causal][noised latents, noise, MSE]; the prompt split is dropped with `text_dropout`
        (0.1) so the model learns the unconditional branch used by CFG.
 - und: [ViT of the image, full][question, causal][answer, causal, CE].
+- edit: [clean VAE latents of the source, full][ViT of the source, full][instruction, causal]
+       [noised latents of the edited image, noise, MSE]: BAGEL's editing, the refinement-via-editing
+       baseline (editing.py). The instruction is dropped with `edit_text_dropout` and both source images
+       with `edit_image_dropout`, so the model learns the cfg_text and cfg_img branches of edit.
 
 Images are preprocessed exactly as the engine does at inference (`context_image`: VAE rule, then ViT
 rule), so the trained weights see the same inputs at serving time. Target latents are the VAE posterior
@@ -59,17 +63,31 @@ class ImageEncoder:
     def latents(self, img: Image.Image, key: str | None = None) -> VaeSplit:
         if key is not None and self._cache is not None and key in self._cache:
             return self._cache[key]
-        x = to_tensor(resize_image(pil_img2rgb(img), self.cfg.vae_transform))[None]  # (1, 3, H, W)
-        p = self.cfg.latent_patch_size
-        w = next(self.vae.parameters())
-        z = self.vae.encode(x.to(w.device, w.dtype))[0].float().cpu()  # (z_channels, H/8, W/8)
-        split = VaeSplit(
-            patchify_latent(z, p),
-            latent_position_ids(z.shape[1] // p, z.shape[2] // p, self.cfg.max_latent_size),
-        )
+        split = self._encode(img, None)
         if key is not None and self._cache is not None:
             self._cache[key] = split
         return split
+
+    @torch.no_grad()
+    def context_latents(self, img: Image.Image, seed: int) -> VaeSplit:
+        """Clean latents of a context image, a posterior sample as the engine's edit draws (not cached)."""
+        return self._encode(img, torch.Generator().manual_seed(seed))
+
+    def _encode(self, img: Image.Image, generator: torch.Generator | None) -> VaeSplit:
+        x = to_tensor(resize_image(pil_img2rgb(img), self.cfg.vae_transform))[None]  # (1, 3, H, W)
+        p, d = self.cfg.latent_patch_size, self.cfg.vae.downsample
+        w = next(self.vae.parameters())
+        noise = None
+        if generator is not None:
+            noise = torch.randn(
+                1, self.cfg.vae.z_channels, x.shape[2] // d, x.shape[3] // d, generator=generator
+            )
+        z = self.vae.encode(x.to(w.device, w.dtype), noise).float().cpu()[0]  # (z_channels, H/8, W/8)
+        return VaeSplit(
+            patchify_latent(z, p),
+            latent_position_ids(z.shape[1] // p, z.shape[2] // p, self.cfg.max_latent_size),
+            clean=generator is not None,
+        )
 
 
 def refine_sample(
@@ -100,6 +118,22 @@ def und_sample(tok: Tokenizer, image_vit: VitSplit, question: str, answer: str) 
     return Sample([image_vit, text_split(tok, question), text_split(tok, answer, loss=True)], "und")
 
 
+def edit_sample(
+    tok: Tokenizer,
+    source_latents: VaeSplit,
+    source_vit: VitSplit,
+    instruction: str,
+    target: VaeSplit,
+    drop_text: bool = False,
+    drop_image: bool = False,
+) -> Sample:
+    # cfg_text context = [VAE, ViT] (no instruction); cfg_img context = [instruction] (no source images)
+    splits: list = [] if drop_image else [source_latents, source_vit]
+    if not drop_text:
+        splits.append(text_split(tok, instruction))
+    return Sample([*splits, target], "edit")
+
+
 def _cast_key(path: str, gains: np.ndarray) -> str:
     """Latent cache key of an image under a cast (the casts are a small fixed set: world.casts)."""
     return f"{path}|cast=" + ",".join(f"{g:.4f}" for g in gains)
@@ -119,6 +153,8 @@ class MixtureConfig:
     refine_pair_cast: float = 0.0
     # > 0: every text-to-image and understanding image gets its own random cast of this strength
     image_cast: float = 0.0
+    edit_text_dropout: float = 0.1
+    edit_image_dropout: float = 0.1
 
 
 class Mixture:
@@ -151,14 +187,20 @@ class Mixture:
             return color_cast(img, gains), _cast_key(path, gains)
         return img, path
 
+    def _pair(self, rec: dict, rng: np.random.Generator) -> tuple[Image.Image, Image.Image, str]:
+        """(first image, second image, latent cache key of the second) of a two-image record; both share
+        one random cast when `refine_pair_cast` > 0, like two samples of one generator."""
+        a, b = parse_image_list(rec["image_list"])
+        a_img, b_img, b_key = self._image(a), self._image(b), b
+        if self.cfg.refine_pair_cast > 0:
+            gains = random_cast(rng, self.cfg.refine_pair_cast)
+            a_img, b_img = color_cast(a_img, gains), color_cast(b_img, gains)
+            b_key = _cast_key(b, gains)
+        return a_img, b_img, b_key
+
     def make(self, kind: str, rec: dict, rng: np.random.Generator) -> Sample:
         if kind == "rvr":
-            mis, ali = parse_image_list(rec["image_list"])
-            mis_img, ali_img, ali_key = self._image(mis), self._image(ali), ali
-            if self.cfg.refine_pair_cast > 0:
-                gains = random_cast(rng, self.cfg.refine_pair_cast)
-                mis_img, ali_img = color_cast(mis_img, gains), color_cast(ali_img, gains)
-                ali_key = _cast_key(ali, gains)
+            mis_img, ali_img, ali_key = self._pair(rec, rng)
             return refine_sample(
                 self.tok,
                 self.enc.vit(mis_img),
@@ -179,6 +221,17 @@ class Mixture:
         if kind == "und":
             img, _ = self._cast_image(rec["image"], rng)
             return und_sample(self.tok, self.enc.vit(img), rec["question"], rec["answer"])
+        if kind == "edit":
+            src_img, tgt_img, tgt_key = self._pair(rec, rng)
+            return edit_sample(
+                self.tok,
+                self.enc.context_latents(src_img, seed=int(rng.integers(2**31))),
+                self.enc.vit(src_img),
+                rec["instruction"],
+                self.enc.latents(tgt_img, key=tgt_key),
+                drop_text=rng.random() < self.cfg.edit_text_dropout,
+                drop_image=rng.random() < self.cfg.edit_image_dropout,
+            )
         raise ValueError(f"unknown sample kind {kind!r}")
 
     def batch(

@@ -83,6 +83,8 @@ class TrainConfig:
     refine_image_dropout: float = 0.0
     refine_pair_cast: float = 0.0  # colour-cast strength shared by a refine pair (MixtureConfig)
     image_cast: float = 0.0  # colour-cast strength of each t2i / und image (MixtureConfig)
+    edit_text_dropout: float = 0.1  # edit samples: instruction dropped (cfg_text branch)
+    edit_image_dropout: float = 0.1  # edit samples: both source images dropped (cfg_img branch)
     # "inference": the 187-char prompt the engine (and the released app) uses at refine time, so a model
     # trained here matches serving; "train": the release's 157-char training variant (rvr.md §5.2).
     system_prompt: str = "inference"
@@ -290,6 +292,8 @@ def train(
             SYSTEM_PROMPTS[cfg.system_prompt],
             cfg.refine_pair_cast,
             cfg.image_cast,
+            cfg.edit_text_dropout,
+            cfg.edit_image_dropout,
         ),
     )
     vae_state = vae.state_dict()
@@ -324,13 +328,16 @@ def train(
     return trainer, history
 
 
+RECORD_GROUPS = ("rvr", "t2i", "und", "edit")
+
+
 def _mixture(text: str) -> dict[str, float]:
     """ "rvr=2,und=1,t2i=1" -> {"rvr": 2.0, "und": 1.0, "t2i": 1.0}"""
     out = {}
     for part in text.split(","):
         name, _, weight = part.partition("=")
-        if name not in ("rvr", "und", "t2i") or not weight:
-            raise argparse.ArgumentTypeError(f"bad mixture entry {part!r} (use rvr=W,und=W,t2i=W)")
+        if name not in RECORD_GROUPS or not weight:
+            raise argparse.ArgumentTypeError(f"bad mixture entry {part!r} (use rvr=W,und=W,t2i=W,edit=W)")
         out[name] = float(weight)
     return out
 
@@ -353,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rvr", help="refine records: parquet, jsonl, parquet_info.json or a directory")
     ap.add_argument("--t2i", help="text-to-image records (image_list = [image], user_prompt)")
     ap.add_argument("--und", help="understanding records (image, question, answer)")
+    ap.add_argument("--edit", help="edit records (image_list = [source, edited], instruction)")
     ap.add_argument(
         "--mixture", type=_mixture, default=d.mixture, help="group weights, e.g. rvr=2,und=1,t2i=1"
     )
@@ -378,9 +386,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (float32 master weights)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (each torchrun rank takes cuda:LOCAL_RANK)")
     a = ap.parse_args(argv)
-    records = {k: read_records(getattr(a, k)) for k in ("rvr", "t2i", "und") if getattr(a, k)}
+    records = {k: read_records(getattr(a, k)) for k in RECORD_GROUPS if getattr(a, k)}
     if not any(records.get(k) and a.mixture.get(k, 0) > 0 for k in records):
-        ap.error("no records for any group with a positive mixture weight (pass --rvr, --t2i or --und)")
+        ap.error(
+            "no records for any group with a positive mixture weight (pass --rvr, --t2i, --und or --edit)"
+        )
     cfg = TrainConfig(
         steps=a.steps,
         lr=a.lr,

@@ -15,7 +15,7 @@ from engine.train.autoencoder import AETrainConfig, ae_losses, train_autoencoder
 from engine.train.dataset import read_records
 from engine.train.evaluate import MODES, format_summary, markdown_table, summarize
 from engine.train.evaluate import main as eval_main
-from engine.train.runs import PROFILES, parse_args, run_all
+from engine.train.runs import PROFILES, parse_args, run_all, with_edit
 from engine.train.trainer import train
 
 SMALL_VAE = VAEConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=4)
@@ -65,11 +65,13 @@ def test_staged_run_end_to_end_and_resumes(tmp_path, monkeypatch):
         return train(model_dir, data_root, records, out_dir, cfg, **kw)
 
     monkeypatch.setattr("engine.train.runs.train", recording_train)
-    # nearest pairing with keep pairs covers pairing.py on the run's own records
-    report = run_all(
-        out, replace(PROFILES["smoke"](), rvr_pairing="nearest", rvr_keep=("own", "world")), progress=False
-    )
-    assert set(report["stages"]) == {"data", "ae", "init", "t2i", "own", "judge", "rvr", "export", "eval"}
+    # nearest pairing with keep pairs covers pairing.py on the run's own records; the judge stage also
+    # learns editing, so the evaluation adds refinement via editing
+    run = with_edit(replace(PROFILES["smoke"](), rvr_pairing="nearest", rvr_keep=("own", "world")), 1)
+    report = run_all(out, run, progress=False)
+    stages = {"data", "edit_data", "ae", "init", "t2i", "own", "judge", "rvr", "export", "eval"}
+    assert set(report["stages"]) == stages
+    assert report["stages"]["edit_data"]["pairs"] == len(read_records(out / "data/edit/edit.jsonl")) > 0
     own = report["stages"]["own"]
     # one process: the judge and RvR stages see the own samples written after the T2I stage
     assert und_sizes["judge"] == und_sizes["rvr"] == und_sizes["t2i"] + own["samples"]
@@ -79,7 +81,8 @@ def test_staged_run_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert (model / "ema.safetensors").is_file() and (model / "rvr.safetensors").is_file()
     assert report["stages"]["export"]["bytes"] < 25 * 2**20
     ev = json.loads((out / "eval.json").read_text())
-    assert set(ev["mean_over_categories"]) == {*MODES, "reroll_rvr_weights"} and ev["n"] >= 1
+    assert set(ev["mean_over_categories"]) == {*MODES, "reroll_rvr_weights", "edit"} and ev["n"] >= 1
+    assert set(ev["checker_gated_retry"]) == {"t2i_reroll", "rvr1", "edit"}
     assert ev["image_use"]["n"] == ev["n"] and set(ev["image_use"]["accepted"]) == {
         "aligned",
         "misaligned",
