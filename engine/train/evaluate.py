@@ -339,6 +339,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None, help="write the full summary here")
     ap.add_argument("--markdown", default=None, help="append the table (with this command) to this file")
     ap.add_argument(
+        "--edit",
+        action="store_true",
+        help="also refine via editing: rejected T2I images are edited with an instruction from the checker's "
+        "verdict (for models trained on edit pairs, e.g. --profile bundled-cast-edit)",
+    )
+    ap.add_argument(
         "--image-use",
         action="store_true",
         help="also probe whether RvR reads its input image (image_use.py: RvR from known renders)",
@@ -352,7 +358,14 @@ def main(argv: list[str] | None = None) -> None:
     specs = load_heldout(data)[: a.limit]
     params = {"steps": a.steps} if a.steps else {}
     s = mini_geneval(
-        engine, specs, range(a.seeds), generate_params=params, refine_params=params, save_dir=a.save_dir
+        engine,
+        specs,
+        range(a.seeds),
+        modes=(*MODES, EDIT_MODE) if a.edit else MODES,
+        generate_params=params,
+        refine_params=params,
+        edit_params=params,
+        save_dir=a.save_dir,
     )
     s["prompt_blind"] = prompt_blind(specs)
     print(format_summary(s))

@@ -114,13 +114,15 @@ def test_staged_run_end_to_end_and_resumes(tmp_path, monkeypatch):
             "--markdown",
             str(md),
             "--image-use",
+            "--edit",
         ]
     )
     table = md.read_text()
     assert table.startswith("# results\n") and "`rvr eval --model" in table and "| RvR, 1 round |" in table
     assert (out / "eval.md").read_text().startswith("| mode | overall")
     ev = json.loads((tmp_path / "ev.json").read_text())
-    assert ev["n"] == 1 and set(ev["pooled"]) == set(MODES) and "object" in ev["per_dimension"]
+    assert ev["n"] == 1 and set(ev["pooled"]) == {*MODES, "edit"} and "object" in ev["per_dimension"]
+    assert "| editing, instructed by the checker's verdict" in table
     assert ev["image_use"]["n"] == 1
     # a second invocation finds every stage done and changes nothing
     before = (out / "rvr" / "rvr.safetensors").stat().st_mtime_ns
@@ -205,3 +207,11 @@ def test_bundled_cast_profile_is_the_recipe_of_the_bundled_model():
         base.categories,
         base.eval_seeds,
     )
+
+
+def test_bundled_cast_edit_profile_adds_edit_pairs_to_the_judge_stage_only():
+    run, base = PROFILES["bundled-cast-edit"](), PROFILES["bundled-cast"]()
+    assert run.edit_per_prompt == 16 and base.edit_per_prompt == 0
+    assert run.stages["judge"].mixture == {**base.stages["judge"].mixture, "edit": 1.0}
+    judge = replace(run.stages["judge"], mixture=base.stages["judge"].mixture)
+    assert replace(run, edit_per_prompt=0, stages={**run.stages, "judge": judge}) == base
