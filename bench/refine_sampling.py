@@ -1,7 +1,7 @@
 """How much of RvR's deficit is the refine sampler? One RvR round of the T2I images under several sampling
 settings, scored by the checker, on a world's *training* prompts (held-out prompts stay for the final number).
 
-    python bench/refine_sampling.py --model engine/assets/demo --data runs/e3/data --limit 40 --seeds 3
+    python bench/refine_sampling.py --model engine/assets/demo --data runs/bundled/data --limit 40 --seeds 3
 
 For each (prompt, seed) the T2I image is drawn once with the released T2I defaults; every setting refines
 that same image with the same seed. Reports, per setting: RvR-1 accuracy, fixed / broke against T2I, and the

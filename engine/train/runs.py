@@ -247,7 +247,7 @@ PROFILES = {
     "noisy-captions": lambda: replace(PROFILES["single"](), caption_noise=0.3),
     # b5 in bench/RESULTS.md, the bundled model until session 5: `single` with a 5,000-step RvR stage.
     "bundled": lambda: _with_rvr_steps(PROFILES["single"](), 5000),
-    # The bundled model (engine/assets/demo, e3 in bench/RESULTS.md), which reads its input image: `bundled`
+    # The bundled model (engine/assets/demo, g1 in bench/RESULTS.md), which reads its input image: `bundled`
     # in a world with casts, a 3,000-step autoencoder, a 9,000-step T2I stage, and an RvR stage of 3,000
     # steps at lr 1e-3 with refine and T2I samples 3:1 (T2I keeps the refine weights a good generator).
     "bundled-cast": lambda: _bundled_cast(),

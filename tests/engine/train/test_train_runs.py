@@ -187,7 +187,7 @@ def test_figure_caption_states_fixed_broke_and_the_cast_probe(tmp_path):
 
 
 def test_bundled_cast_profile_is_the_recipe_of_the_bundled_model():
-    """`bundled-cast` (e3, the bundled model): the `bundled` world under casts, a 3,000-step autoencoder, a
+    """`bundled-cast` (the bundled model, g1 in bench/RESULTS.md): the `bundled` world under casts, a 3,000-step autoencoder, a
     9,000-step T2I stage and an RvR stage of 3,000 steps at lr 1e-3 with refine and T2I samples 3:1;
     everything else as `bundled`."""
     run, base = PROFILES["bundled-cast"](), PROFILES["bundled"]()
