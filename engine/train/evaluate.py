@@ -97,14 +97,16 @@ def mini_geneval(
                     )
                     imgs["rvr_until"] = outs.image
                     rounds_used = outs.round_index
+            labels = {"t2i": check(t2i, spec)}  # the edit mode reads this verdict, so check t2i once
             if EDIT_MODE in modes:
-                failed = failed_dims(check(t2i, spec), spec)
-                imgs[EDIT_MODE] = (
-                    engine.edit(t2i, edit_instruction(prompt, failed), seed=seed, **ep).image
-                    if failed
-                    else t2i
-                )
-            labels = {m: check(imgs[m], spec) for m in modes if m in imgs}
+                failed = failed_dims(labels["t2i"], spec)
+                if failed:
+                    imgs[EDIT_MODE] = engine.edit(
+                        t2i, edit_instruction(prompt, failed), seed=seed, **ep
+                    ).image
+                else:  # an accepted image is kept, and so is its verdict
+                    imgs[EDIT_MODE], labels[EDIT_MODE] = t2i, labels["t2i"]
+            labels |= {m: check(imgs[m], spec) for m in modes if m in imgs and m not in labels}
             rows.append(
                 {
                     "prompt": prompt,
