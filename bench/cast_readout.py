@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.train.dataset import first_prompt, open_rgb, parse_image_list, read_records, resolve
-from engine.train.forward import forward
-from engine.train.packing import pack
-from engine.train.samples import ImageEncoder, Mixture, MixtureConfig, refine_sample
-from engine.train.trainer import TrainConfig, Trainer, load_for_training
-from engine.train.world import color_cast, random_cast
+from training.dataset import first_prompt, open_rgb, parse_image_list, read_records, resolve
+from training.forward import forward
+from training.packing import pack
+from training.samples import ImageEncoder, Mixture, MixtureConfig, refine_sample
+from training.trainer import TrainConfig, Trainer, load_for_training
+from training.world import color_cast, random_cast
 
 HELD_OUT = 24
 CAST = 0.25

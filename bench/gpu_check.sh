@@ -52,9 +52,9 @@ RVR_TEST_DEVICE=cuda step engine-parity 60 "${PYTEST[@]}" tests/engine/test_pari
 train_cuda() {
   local tmp
   tmp=$(mktemp -d)
-  "$PY" -m engine.train.runs --out "$tmp" --profile smoke --stages data || return
+  "$PY" -m training.runs --out "$tmp" --profile smoke --stages data || return
   for rows in 1200 12000; do
-    "$PY" -m engine.train.trainer --model engine/assets/demo --data-root "$tmp/data" \
+    "$PY" -m training.trainer --model engine/assets/demo --data-root "$tmp/data" \
       --rvr "$tmp/data/rvr/json/parquet_info.json" --t2i "$tmp/data/t2i" --mixture rvr=1,t2i=1 \
       --steps 200 --max-rows "$rows" --save-every 100000 --init-weights rvr --weights-name rvr \
       --device cuda --bf16 --out "$tmp/rvr_$rows" 2>&1 | tr '\r' '\n' | grep -E '^(100%| 50%)' | tail -3 \

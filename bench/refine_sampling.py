@@ -17,9 +17,9 @@ import time
 import torch
 
 from engine.loading import load_engine
-from engine.train.checker import check
-from engine.train.dataset import read_specs
-from engine.train.evaluate import REROLL_OFFSET
+from training.checker import check
+from training.dataset import read_specs
+from training.evaluate import REROLL_OFFSET
 
 # name -> overrides of the released refine defaults (cfg_text 4, cfg_img 2, cfg_interval (0, 1), text_channel)
 SETTINGS: dict[str, dict] = {

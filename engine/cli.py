@@ -11,15 +11,6 @@ import sys
 from pathlib import Path
 
 COMMANDS = ("refine", "generate", "edit", "judge", "make-checkpoint")
-# Commands whose module parses its own arguments: `rvr eval ...` runs `engine.train.evaluate.main([...])`.
-PASSTHROUGH = {
-    "eval": ("engine.train.evaluate", "mini-GenEval of a model on held-out prompts of the synthetic world"),
-    "train": ("engine.train.runs", "the staged training run: world data, autoencoder, T2I, judge, RvR"),
-    "finetune": (
-        "engine.train.trainer",
-        "fine-tune a checkpoint on release-format records (torchrun: sharded)",
-    ),
-}
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -52,9 +43,6 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    for name, (_, summary) in PASSTHROUGH.items():
-        # Listed for --help only; `run_passthrough` handles them before the main parse.
-        subparsers.add_parser(name, help=f"{summary} (rvr {name} --help)", add_help=False)
     p = subparsers.add_parser("refine", help="RvR: regenerate an image to match its prompt")
     p.add_argument("--image", type=Path, required=True)
     p.add_argument("--prompt", required=True)
@@ -88,19 +76,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default="ema,rvr", help="comma-separated: ema, rvr")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-
-
-def run_passthrough(command: str, argv: list[str]) -> int:
-    """Run a pass-through command with its own argument parser; returns the exit code."""
-    import importlib
-
-    module = importlib.import_module(PASSTHROUGH[command][0])
-    sys.argv[0] = f"rvr {command}"  # so its usage line names the command
-    try:
-        module.main(argv)
-    except SystemExit as exc:  # argparse exits; keep its status
-        return exc.code if isinstance(exc.code, int) else 1
-    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -264,8 +239,6 @@ _COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (`python -m engine.cli`); the `rvr` command adds the server commands."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in PASSTHROUGH:
-        return run_passthrough(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="rvr")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)

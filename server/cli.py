@@ -16,6 +16,14 @@ from server.settings import Settings, add_cli_flags, settings_from_args, setting
 
 log = logging.getLogger("rvr.cli")
 
+# Training commands parse their own arguments: `rvr eval ...` runs `training.evaluate.main([...])`.
+# The `training` package sits beside `engine` (it imports the engine, never the reverse).
+TRAINING_COMMANDS = {
+    "eval": ("training.evaluate", "mini-GenEval of a model on held-out prompts of the synthetic world"),
+    "train": ("training.runs", "the staged training run: world data, autoencoder, T2I, judge, RvR"),
+    "finetune": ("training.trainer", "fine-tune a checkpoint on release-format records (torchrun: sharded)"),
+}
+
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (`rvr refine: error: ...`) with exit status 2; `--help` shows usage."""
@@ -38,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         engine_cli = None
     if engine_cli is not None:
         engine_cli.register(sub)
+    for name, (_, summary) in TRAINING_COMMANDS.items():
+        # Listed for --help only; `run_training_command` handles them before the main parse.
+        sub.add_parser(name, help=f"{summary} (rvr {name} --help)", add_help=False)
     parser.set_defaults(engine_cli=engine_cli)
     return parser
 
@@ -45,10 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    from engine import cli as engine_cli  # stdlib-only at import
-
-    if argv and argv[0] in engine_cli.PASSTHROUGH:
-        return engine_cli.run_passthrough(argv[0], argv[1:])
+    if argv and argv[0] in TRAINING_COMMANDS:
+        return run_training_command(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "settings":
         sys.stdout.write(settings_table_markdown())
@@ -61,6 +70,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return serve(settings) if args.command == "serve" else run_worker(settings)
     return int(args.engine_cli.run(args))
+
+
+def run_training_command(command: str, argv: list[str]) -> int:
+    """Run a training command with its own argument parser; returns the exit code."""
+    import importlib
+
+    module = importlib.import_module(TRAINING_COMMANDS[command][0])
+    sys.argv[0] = f"rvr {command}"  # so its usage line names the command
+    try:
+        module.main(argv)
+    except SystemExit as exc:  # argparse exits; keep its status
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
 
 
 def _settings_problems(exc: ValueError) -> str:

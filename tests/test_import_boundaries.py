@@ -33,3 +33,17 @@ def test_server_public_surface():
 
     assert server.__all__ == ["Settings", "create_app"]
     assert callable(server.create_app) and server.Settings().backend == "memory"
+
+
+def test_engine_never_imports_training():
+    """`training` is built on `engine`; the engine (and so the serving worker) never needs it."""
+    probe = (
+        "import sys, pkgutil, importlib, engine\n"
+        "for m in pkgutil.walk_packages(engine.__path__, 'engine.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "print(','.join(sorted(m for m in sys.modules if m == 'training' or m.startswith('training.'))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.strip() == "", f"engine imported: {out.stdout.strip()}"

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import PASSTHROUGH, run_passthrough
-from server.cli import build_parser
+from server.cli import TRAINING_COMMANDS, build_parser, run_training_command
 from server.settings import settings_table_markdown
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
@@ -34,8 +33,8 @@ def _rvr_lines() -> list[str]:
 @pytest.mark.parametrize("line", _rvr_lines())
 def test_readme_commands_parse(line, capsys):
     argv = shlex.split(line.replace('"$POD_NAME"', "pod-0").replace("[--model DIR]", ""))[1:]
-    if argv[0] in PASSTHROUGH:  # parsed by their own module: every flag shown must be in its --help
-        assert run_passthrough(argv[0], ["--help"]) == 0
+    if argv[0] in TRAINING_COMMANDS:  # parsed by their own module: every flag shown must be in its --help
+        assert run_training_command(argv[0], ["--help"]) == 0
         usage = capsys.readouterr().out
         assert all(a in usage for a in argv[1:] if a.startswith("--"))
         return

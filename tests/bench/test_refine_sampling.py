@@ -6,7 +6,7 @@ import pytest
 
 from bench.refine_sampling import SETTINGS, main
 from engine.tiny import make_checkpoint
-from engine.train.dataset import build_world_dataset
+from training.dataset import build_world_dataset
 
 
 def test_refine_sampling_reports_every_setting(tmp_path):

@@ -7,7 +7,7 @@ drop specks; classify each component by its bbox (size from extent, shape from f
 mass asymmetry); report bbox centres. `check` then applies `prompts.evaluate`, the same truth function
 used on symbolic scenes, so the checker's accuracy is exactly its detection accuracy.
 
-Run `python -m engine.train.checker --n 1000` for the validation report.
+Run `python -m training.checker --n 1000` for the validation report.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections import deque
 import numpy as np
 from PIL import Image, ImageFilter
 
-from engine.train.prompts import (
+from training.prompts import (
     CATEGORIES,
     DIMENSIONS,
     PromptSpec,
@@ -30,7 +30,7 @@ from engine.train.prompts import (
     sample_violation,
     scene_truth,
 )
-from engine.train.world import HALF_EXTENT, PALETTE, Obj, render
+from training.world import HALF_EXTENT, PALETTE, Obj, render
 
 COLOR_NAMES = tuple(PALETTE)
 _PALETTE_RGB = np.array([PALETTE[c] for c in COLOR_NAMES], dtype=np.float32)  # (K, 3)

@@ -5,12 +5,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from engine.train.checker import check
-from engine.train.dataset import build_t2i_records, open_rgb, parse_image_list, prompt_rng, read_records
-from engine.train.own_samples import own_t2i_records, write_own_dataset
-from engine.train.prompts import PromptSpec, sample_scene, sample_spec
-from engine.train.world import render
 from engine.types import RoundOutput
+from training.checker import check
+from training.dataset import build_t2i_records, open_rgb, parse_image_list, prompt_rng, read_records
+from training.own_samples import own_t2i_records, write_own_dataset
+from training.prompts import PromptSpec, sample_scene, sample_spec
+from training.world import render
 
 
 class RenderingT2I:
@@ -89,8 +89,8 @@ def test_own_samples_from_the_real_engine_are_its_generations(tiny_engine, tmp_p
 def test_white_balanced_own_samples_are_stored_neutral(tmp_path):
     """A model trained under colour casts samples tinted images; with white_balance_samples they are stored
     with a neutral background (so a refine pair can get one shared cast) and labelled as before."""
-    from engine.train.checker import background
-    from engine.train.world import color_cast
+    from training.checker import background
+    from training.world import color_cast
 
     specs = _specs()
 

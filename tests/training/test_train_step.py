@@ -12,11 +12,11 @@ from engine.loading import load_engine
 from engine.preprocess import latent_position_ids, tensor_to_pil, unpatchify_latent
 from engine.prompts import JUDGE_QUESTION
 from engine.tiny import make_checkpoint
-from engine.train.dataset import build_world_dataset, load_refine_sample, read_records
-from engine.train.forward import forward, losses
-from engine.train.packing import Sample, TextSplit, VaeSplit, pack, text_split
-from engine.train.samples import ImageEncoder, Mixture, MixtureConfig, refine_sample
-from engine.train.trainer import TrainConfig, Trainer, load_for_training, train
+from training.dataset import build_world_dataset, load_refine_sample, read_records
+from training.forward import forward, losses
+from training.packing import Sample, TextSplit, VaeSplit, pack, text_split
+from training.samples import ImageEncoder, Mixture, MixtureConfig, refine_sample
+from training.trainer import TrainConfig, Trainer, load_for_training, train
 
 
 @pytest.fixture(scope="module")
@@ -200,8 +200,8 @@ def test_ema_warmup_tracks_a_model_trained_from_scratch(ckpt, world):
 def test_pair_cast_tints_both_images_of_a_refine_pair_alike(ckpt, world):
     """refine_pair_cast: the misaligned (ViT) and aligned (latent target) images share one random cast, the
     cast target is not served from the latent cache, and without the option the images are untouched."""
-    from engine.train.checker import background
-    from engine.train.dataset import open_rgb, parse_image_list, resolve
+    from training.checker import background
+    from training.dataset import open_rgb, parse_image_list, resolve
 
     root, records = world
     _, vae, tok, cfg = load_for_training(ckpt)
@@ -242,7 +242,7 @@ def test_pair_cast_tints_both_images_of_a_refine_pair_alike(ckpt, world):
 def test_image_cast_tints_t2i_and_und_images_each_on_its_own(ckpt, world):
     """image_cast: text-to-image targets and understanding images get independent random casts from the
     world's fixed set (cached per cast); refine pairs are left to refine_pair_cast."""
-    from engine.train.checker import background
+    from training.checker import background
 
     root, records = world
     _, vae, tok, cfg = load_for_training(ckpt)

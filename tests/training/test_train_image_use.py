@@ -3,11 +3,11 @@
 import numpy as np
 
 from engine.loading import load_engine
-from engine.train.checker import check
-from engine.train.image_use import format_image_use, image_use, probe_inputs
-from engine.train.prompts import sample_scene, sample_spec
-from engine.train.world import render
 from engine.types import RoundOutput
+from training.checker import check
+from training.image_use import format_image_use, image_use, probe_inputs
+from training.prompts import sample_scene, sample_spec
+from training.world import render
 
 
 def _specs(n=4):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from engine.train.dataset import first_prompt, open_rgb, parse_image_list, resolve
+from training.dataset import first_prompt, open_rgb, parse_image_list, resolve
 
 THUMB = 16  # thumbnails compare layout and colour, not render jitter
 

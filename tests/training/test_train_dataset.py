@@ -5,8 +5,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from engine.train.checker import check
-from engine.train.dataset import (
+from training.checker import check
+from training.dataset import (
     build_refine_records,
     build_t2i_records,
     build_understanding_records,
@@ -19,8 +19,8 @@ from engine.train.dataset import (
     write_parquet_info,
     write_records,
 )
-from engine.train.prompts import PromptSpec, is_heldout, sample_scene, sample_spec
-from engine.train.world import render
+from training.prompts import PromptSpec, is_heldout, sample_scene, sample_spec
+from training.world import render
 
 
 def test_refine_pairs_are_one_misaligned_one_aligned(tmp_path):

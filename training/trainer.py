@@ -34,11 +34,11 @@ from engine.checkpoint import WEIGHT_FILES, load_bagel, load_vae, read_config, s
 from engine.model.bagel import Bagel
 from engine.prompts import REFINE_SYSTEM_PROMPT, REFINE_SYSTEM_PROMPT_TRAIN
 from engine.tokenizer import Tokenizer
-from engine.train.dataset import read_records
-from engine.train.distributed import DistEnv, full_tensor, init_from_env, like, load_sharded, mesh_for
-from engine.train.forward import TrainForward, losses
-from engine.train.packing import PackedBatch, pack
-from engine.train.samples import ImageEncoder, Mixture, MixtureConfig
+from training.dataset import read_records
+from training.distributed import DistEnv, full_tensor, init_from_env, like, load_sharded, mesh_for
+from training.forward import TrainForward, losses
+from training.packing import PackedBatch, pack
+from training.samples import ImageEncoder, Mixture, MixtureConfig
 
 SYSTEM_PROMPTS = {"inference": REFINE_SYSTEM_PROMPT, "train": REFINE_SYSTEM_PROMPT_TRAIN}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
@@ -345,7 +345,7 @@ def _mixture(text: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     """Fine-tune a checkpoint on release-format records; under `torchrun` the model is sharded over ranks:
 
-    torchrun --nproc-per-node 8 -m engine.train.trainer --model BAGEL-7B-MoT --data-root data \\
+    torchrun --nproc-per-node 8 -m training.trainer --model BAGEL-7B-MoT --data-root data \\
         --rvr data/rvr/json/parquet_info.json --out runs/rvr --device cuda --bf16 --gradient-checkpointing
     """
     d = TrainConfig()

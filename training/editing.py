@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.train.checker import check
-from engine.train.dataset import prompt_key, prompt_rng, save_image
-from engine.train.prompts import PlacementError, PromptSpec, sample_scene, scene_truth
-from engine.train.world import DEFAULT_SIZE, Scene, fits, render
+from training.checker import check
+from training.dataset import prompt_key, prompt_rng, save_image
+from training.prompts import PlacementError, PromptSpec, sample_scene, scene_truth
+from training.world import DEFAULT_SIZE, Scene, fits, render
 
 EDITABLE_DIMS: tuple[str, ...] = ("object", "color", "size")
 DIM_WORDS = {"object": "object", "color": "colour", "count": "count", "size": "size", "position": "position"}

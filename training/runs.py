@@ -1,6 +1,6 @@
 """The staged world run, reproducible from one command with fixed seeds:
 
-    python -m engine.train.runs --out runs/world --profile demo
+    python -m training.runs --out runs/world --profile demo
 
 1. data     world dataset (refine pairs, T2I targets, judge samples, held-out prompts), and edit pairs
             (editing.py) for profiles with `edit_per_prompt` > 0;
@@ -39,8 +39,8 @@ from engine.model.bagel import Bagel
 from engine.prompts import JUDGE_QUESTION, REFINE_PROMPT, REFINE_SYSTEM_PROMPT, REFINE_SYSTEM_PROMPT_TRAIN
 from engine.tiny import preset
 from engine.tokenizer import Tokenizer, write_tiny_tokenizer
-from engine.train.autoencoder import AETrainConfig, train_autoencoder
-from engine.train.dataset import (
+from training.autoencoder import AETrainConfig, train_autoencoder
+from training.dataset import (
     build_world_dataset,
     first_prompt,
     parse_image_list,
@@ -49,8 +49,8 @@ from engine.train.dataset import (
     understanding_question,
     write_records,
 )
-from engine.train.editing import build_edit_records
-from engine.train.evaluate import (
+from training.editing import build_edit_records
+from training.evaluate import (
     EDIT_MODE,
     MODES,
     autoencoder_ceiling,
@@ -60,11 +60,11 @@ from engine.train.evaluate import (
     mini_geneval,
     prompt_blind,
 )
-from engine.train.image_use import format_image_use, image_use
-from engine.train.own_samples import own_t2i_records, write_own_dataset
-from engine.train.pairing import aligned_pools, keep_pairs, pair_nearest
-from engine.train.prompts import CATEGORIES
-from engine.train.trainer import TOKENIZER_FILES, TrainConfig, train
+from training.image_use import format_image_use, image_use
+from training.own_samples import own_t2i_records, write_own_dataset
+from training.pairing import aligned_pools, keep_pairs, pair_nearest
+from training.prompts import CATEGORIES
+from training.trainer import TOKENIZER_FILES, TrainConfig, train
 
 STAGES = ("data", "ae", "init", "t2i", "own", "judge", "rvr", "export", "eval")
 SHIP_FILES = ("config.json", "llm_config.json", "vit_config.json", *TOKENIZER_FILES)

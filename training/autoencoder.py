@@ -20,8 +20,8 @@ from tqdm import tqdm
 from engine.config import VAEConfig
 from engine.model.vae import AutoEncoder
 from engine.preprocess import to_tensor
-from engine.train.prompts import random_scene
-from engine.train.world import DEFAULT_SIZE, color_cast, random_cast, render
+from training.prompts import random_scene
+from training.world import DEFAULT_SIZE, color_cast, random_cast, render
 
 
 @dataclass

@@ -39,9 +39,9 @@ from engine.preprocess import (
 from engine.prompts import REFINE_PROMPT, REFINE_SYSTEM_PROMPT
 from engine.requests import context_image
 from engine.tokenizer import Tokenizer
-from engine.train.dataset import first_prompt, open_rgb, parse_image_list, resolve
-from engine.train.packing import Sample, VaeSplit, VitSplit, sample_rows, text_split
-from engine.train.world import color_cast, random_cast
+from training.dataset import first_prompt, open_rgb, parse_image_list, resolve
+from training.packing import Sample, VaeSplit, VitSplit, sample_rows, text_split
+from training.world import color_cast, random_cast
 
 
 class ImageEncoder:

@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from engine.train.checker import check
-from engine.train.prompts import (
+from training.checker import check
+from training.prompts import (
     CATEGORIES,
     PlacementError,
     PromptSpec,
@@ -38,7 +38,7 @@ from engine.train.prompts import (
     sample_spec,
     sample_violation,
 )
-from engine.train.world import DEFAULT_SIZE, SHAPES, render
+from training.world import DEFAULT_SIZE, SHAPES, render
 
 # (spec, rng) -> image. A source is one independent way to draw a candidate for a prompt.
 CandidateSource = Callable[[PromptSpec, np.random.Generator], Image.Image]

@@ -15,7 +15,7 @@ from torch import nn
 
 from engine.model.bagel import Bagel
 from engine.model.packing import ForwardBatch, Routing
-from engine.train.packing import PackedBatch, routing_runs
+from training.packing import PackedBatch, routing_runs
 
 
 def dense_attention(mask: torch.Tensor):

@@ -11,12 +11,12 @@ import torch
 
 from engine.config import VAEConfig
 from engine.loading import load_engine
-from engine.train.autoencoder import AETrainConfig, ae_losses, train_autoencoder, world_batch
-from engine.train.dataset import read_records
-from engine.train.evaluate import MODES, format_summary, markdown_table, summarize
-from engine.train.evaluate import main as eval_main
-from engine.train.runs import PROFILES, parse_args, run_all, with_edit
-from engine.train.trainer import train
+from training.autoencoder import AETrainConfig, ae_losses, train_autoencoder, world_batch
+from training.dataset import read_records
+from training.evaluate import MODES, format_summary, markdown_table, summarize
+from training.evaluate import main as eval_main
+from training.runs import PROFILES, parse_args, run_all, with_edit
+from training.trainer import train
 
 SMALL_VAE = VAEConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=4)
 
@@ -64,7 +64,7 @@ def test_staged_run_end_to_end_and_resumes(tmp_path, monkeypatch):
         und_sizes[Path(out_dir).name] = len(records["und"])
         return train(model_dir, data_root, records, out_dir, cfg, **kw)
 
-    monkeypatch.setattr("engine.train.runs.train", recording_train)
+    monkeypatch.setattr("training.runs.train", recording_train)
     # nearest pairing with keep pairs covers pairing.py on the run's own records; the judge stage also
     # learns editing, so the evaluation adds refinement via editing
     run = with_edit(replace(PROFILES["smoke"](), rvr_pairing="nearest", rvr_keep=("own", "world")), 1)
@@ -163,7 +163,7 @@ def test_demo_simple_profile_is_a_one_group_world_with_honest_heldout():
 def test_refine_figure_grid_draws_prompt_and_both_images():
     from PIL import Image
 
-    from engine.train.figure import draw_grid
+    from training.figure import draw_grid
 
     im = Image.new("RGB", (8, 8), "red")
     fig = draw_grid([("a red circle", im, im), ("two squares", im, im)], scale=2)
@@ -175,7 +175,7 @@ def test_refine_figure_grid_draws_prompt_and_both_images():
 
 
 def test_figure_caption_states_fixed_broke_and_the_cast_probe(tmp_path):
-    from engine.train.figure import paired_caption
+    from training.figure import paired_caption
 
     rows = [{"ok_t2i": False}, {"ok_t2i": True}, {"ok_t2i": True}]
     ev = {"n": 3, "vs_t2i": {"rvr1": {"fixed": 1, "broke": 0}}, "rows": rows}

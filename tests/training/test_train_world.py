@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from engine.train.prompts import (
+from training.prompts import (
     CATEGORIES,
     Group,
     PromptSpec,
@@ -13,7 +13,7 @@ from engine.train.prompts import (
     scene_truth,
     split_specs,
 )
-from engine.train.world import BACKGROUND, PALETTE, Obj, Scene, render
+from training.world import BACKGROUND, PALETTE, Obj, Scene, render
 
 
 def test_render_draws_pure_colours_at_requested_size():

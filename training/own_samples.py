@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.train.checker import check, white_balance
-from engine.train.dataset import (
+from engine.types import GenerationRequest, SamplingParams
+from training.checker import check, white_balance
+from training.dataset import (
     first_prompt,
     parse_image_list,
     prompt_key,
@@ -31,8 +32,7 @@ from engine.train.dataset import (
     understanding_record,
     write_records,
 )
-from engine.train.prompts import PromptSpec
-from engine.types import GenerationRequest, SamplingParams
+from training.prompts import PromptSpec
 
 
 def own_t2i_records(

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from engine.tiny import make_checkpoint
-from engine.train.dataset import build_world_dataset, read_records
-from engine.train.trainer import main as finetune
+from training.dataset import build_world_dataset, read_records
+from training.trainer import main as finetune
 
 
 def _records(root):
@@ -43,7 +43,7 @@ def _finetune_args(ckpt, root, out, steps: int) -> list[str]:
 
 def _torchrun(args: list[str]) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"]
-    cmd += [str(_free_port()), "-m", "engine.train.trainer", *args]
+    cmd += [str(_free_port()), "-m", "training.trainer", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -82,9 +82,9 @@ def test_two_torchrun_ranks_match_one_process_accumulating_their_batches_and_res
 
 
 def test_ranks_and_micro_batches_draw_distinct_batches(setup):
-    from engine.train.packing import pack
-    from engine.train.samples import ImageEncoder, Mixture, MixtureConfig
-    from engine.train.trainer import load_for_training
+    from training.packing import pack
+    from training.samples import ImageEncoder, Mixture, MixtureConfig
+    from training.trainer import load_for_training
 
     ckpt, root, _ = setup
     _, vae, tok, cfg = load_for_training(ckpt)

@@ -26,11 +26,11 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from engine.train.checker import background, check
-from engine.train.pairing import thumbnail_distance
-from engine.train.prompts import PromptSpec, sample_scene, sample_violation
-from engine.train.world import BACKGROUND, DEFAULT_SIZE, casts, color_cast, render
 from engine.types import GenerationRequest, SamplingParams
+from training.checker import background, check
+from training.pairing import thumbnail_distance
+from training.prompts import PromptSpec, sample_scene, sample_violation
+from training.world import BACKGROUND, DEFAULT_SIZE, casts, color_cast, render
 
 INPUTS = ("aligned", "misaligned", "blank", "cast")
 PROBE_CAST = 0.25  # strength of the `cast` input's tint (one of the six non-neutral world.casts)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from engine.loading import BUNDLED_MODEL, default_model_dir, load_engine
-from engine.train.evaluate import main as eval_main
-from engine.train.prompts import Group, PromptSpec, sample_scene
-from engine.train.world import render
+from training.evaluate import main as eval_main
+from training.prompts import Group, PromptSpec, sample_scene
+from training.world import render
 
 
 def test_bundled_model_is_the_default_checkpoint():

@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from engine.train.checker import check
-from engine.train.dataset import open_rgb, save_image
-from engine.train.pairing import aligned_pools, keep_pairs, pair_nearest
-from engine.train.prompts import PromptSpec
-from engine.train.runs import PROFILES, _records, parse_args
-from engine.train.world import Obj, Scene, render
+from training.checker import check
+from training.dataset import open_rgb, save_image
+from training.pairing import aligned_pools, keep_pairs, pair_nearest
+from training.prompts import PromptSpec
+from training.runs import PROFILES, _records, parse_args
+from training.world import Obj, Scene, render
 
 SPEC = PromptSpec.from_json(
     json.dumps(

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from engine.train.world import (
+from training.world import (
     COLORS,
     PLURALS,
     REGIONS,

@@ -17,15 +17,15 @@ from engine.preprocess import (
 )
 from engine.requests import context_image
 from engine.tiny import make_checkpoint
-from engine.train.checker import check
-from engine.train.dataset import build_world_dataset, read_records, read_specs, resolve
-from engine.train.editing import EDITABLE_DIMS, build_edit_records, edit_instruction, edited_scene
-from engine.train.forward import forward, losses
-from engine.train.packing import Sample, TextSplit, VaeSplit, VitSplit, pack
-from engine.train.prompts import Group, PromptSpec, sample_scene, scene_truth
-from engine.train.samples import ImageEncoder, Mixture, MixtureConfig, edit_sample
-from engine.train.trainer import TrainConfig, load_for_training, train
-from engine.train.world import Obj, Scene
+from training.checker import check
+from training.dataset import build_world_dataset, read_records, read_specs, resolve
+from training.editing import EDITABLE_DIMS, build_edit_records, edit_instruction, edited_scene
+from training.forward import forward, losses
+from training.packing import Sample, TextSplit, VaeSplit, VitSplit, pack
+from training.prompts import Group, PromptSpec, sample_scene, scene_truth
+from training.samples import ImageEncoder, Mixture, MixtureConfig, edit_sample
+from training.trainer import TrainConfig, load_for_training, train
+from training.world import Obj, Scene
 
 
 def test_edit_instruction_names_the_failed_dimensions_and_the_prompt():

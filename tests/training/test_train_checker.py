@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from engine.train.checker import check, detect, validate_checker
-from engine.train.prompts import Group, PromptSpec, sample_scene, sample_spec, sample_violation
-from engine.train.world import Obj, Scene, color_cast, random_cast, render
+from training.checker import check, detect, validate_checker
+from training.prompts import Group, PromptSpec, sample_scene, sample_spec, sample_violation
+from training.world import Obj, Scene, color_cast, random_cast, render
 
 
 def _objs(scene):

@@ -31,12 +31,12 @@ import torch
 from PIL import Image
 
 from engine.preprocess import tensor_to_pil, to_tensor
-from engine.train.checker import check
-from engine.train.dataset import read_specs
-from engine.train.editing import edit_instruction, failed_dims
-from engine.train.prompts import PromptSpec, random_scene, sample_scene
-from engine.train.world import DEFAULT_SIZE, render
 from engine.types import GenerationRequest, SamplingParams
+from training.checker import check
+from training.dataset import read_specs
+from training.editing import edit_instruction, failed_dims
+from training.prompts import PromptSpec, random_scene, sample_scene
+from training.world import DEFAULT_SIZE, render
 
 MODES = ("t2i", "t2i_reroll", "rvr1", "rvr2", "rvr_until")
 EDIT_MODE = "edit"
@@ -324,7 +324,7 @@ def markdown_table(s: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from engine.loading import default_model_dir, load_engine
-    from engine.train.image_use import format_image_use, image_use
+    from training.image_use import format_image_use, image_use
 
     ap = argparse.ArgumentParser(description="Mini-GenEval on the held-out prompts of a world dataset.")
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")

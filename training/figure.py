@@ -1,7 +1,7 @@
 """A refine figure from a finished run: held-out prompts where the T2I sample failed the checker and one
 RvR round fixed it, as rows of (prompt, T2I image, RvR image).
 
-    python -m engine.train.figure --run runs/world --out bench/figures/refine_demo.png
+    python -m training.figure --run runs/world --out bench/figures/refine_demo.png
 
 The images are regenerated with the run's evaluation settings and seeds (the samplers are seeded, so they
 are the images `eval.json` scored) and re-checked before they are drawn.
@@ -17,9 +17,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from engine.loading import load_engine
-from engine.train.checker import check
-from engine.train.evaluate import load_heldout
 from engine.types import GenerationRequest, SamplingParams
+from training.checker import check
+from training.evaluate import load_heldout
 
 
 def _font(size: int):
