@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.batching import Engine
+from engine.core import Engine
 from engine.loading import resolve_device, resolve_dtype
 from engine.model.bagel import Bagel
 from engine.model.heads import PositionEmbedding, sincos_2d_table

@@ -10,8 +10,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Engine": "engine.batching",
-    "RequestState": "engine.batching",
+    "Engine": "engine.core",
+    "RequestState": "engine.core",
+    "StepResult": "engine.core",
     "load_engine": "engine.loading",
     "default_model_dir": "engine.loading",
     "make_checkpoint": "engine.tiny",
@@ -19,6 +20,7 @@ _EXPORTS = {
     "SamplingParams": "engine.types",
     "StepEvent": "engine.types",
     "RoundOutput": "engine.types",
+    "FinishedRound": "engine.types",
     "TASK_DEFAULTS": "engine.types",
     "EngineError": "engine.errors",
     "CheckpointError": "engine.errors",

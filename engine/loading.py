@@ -9,8 +9,9 @@ from typing import Literal
 
 import torch
 
-from engine.batching import Engine
+from engine.backends.base import BackendUnavailable, get_backend
 from engine.checkpoint import load_bagel, load_vae, read_config, weight_files
+from engine.core import Engine
 from engine.errors import CheckpointError
 from engine.requests import RequestLimits
 from engine.tokenizer import Tokenizer
@@ -105,28 +106,26 @@ def load_engine(
         raise CheckpointError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model embeds {cfg.llm.vocab_size}"
         )
-    models = {name: load_bagel(f, cfg, dev, dt) for name, f in files.items()}
-    vae = load_vae(path, cfg, dev, dt if dev.type == "cuda" else torch.float32)
-    info = {"model_dir": str(path), "weight_files": {k: v.name for k, v in files.items()}, "backend": backend}
-    engine = Engine(
-        cfg,
-        tokenizer,
-        models,
-        vae,
-        dev,
-        dt,
-        attention=attention,
-        kv_capacity=kv_capacity,
-        limits=limits,
-        info=info,
-    )
-    from engine.backends import (
-        BackendUnavailable,
-        apply_backend,
-    )  # lazy: keeps compilers off the default path
-
     try:
-        apply_backend(engine, backend, **(backend_options or {}))
+        compile_backend = get_backend(backend, **(backend_options or {}))
     except (BackendUnavailable, ValueError) as exc:
         raise CheckpointError(f"backend {backend!r}: {exc}") from None
-    return engine
+    models = {name: load_bagel(f, cfg, dev, dt) for name, f in files.items()}
+    vae = load_vae(path, cfg, dev, dt if dev.type == "cuda" else torch.float32)
+    info = {"model_dir": str(path), "weight_files": {k: v.name for k, v in files.items()}}
+    try:
+        return Engine(
+            cfg,
+            tokenizer,
+            models,
+            vae,
+            dev,
+            dt,
+            attention=attention,
+            kv_capacity=kv_capacity,
+            limits=limits,
+            backend=compile_backend,
+            info=info,
+        )
+    except BackendUnavailable as exc:  # e.g. tensorrt on a CPU engine
+        raise CheckpointError(f"backend {backend!r}: {exc}") from None

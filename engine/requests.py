@@ -61,16 +61,11 @@ def validate_request(
         raise InvalidRequestError(f"task must be one of {TASKS}, got {req.task!r}")
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise InvalidRequestError("prompt must be a non-empty string")
-    n_tokens = len(tok.encode(req.prompt))
-    if n_tokens > limits.max_prompt_tokens:
-        raise InvalidRequestError(f"prompt is {n_tokens} tokens; the limit is {limits.max_prompt_tokens}")
+    _check_prompt_tokens(req.prompt, tok, limits)
     params = req.params or SamplingParams.for_task(req.task)
     if not isinstance(params, SamplingParams):
         raise InvalidRequestError("params must be a SamplingParams")
-    try:
-        params.validate()
-    except ValueError as exc:
-        raise InvalidRequestError(str(exc)) from None
+    params.validate()
     if req.task in ("refine", "edit"):
         if not isinstance(req.image, Image.Image):
             raise InvalidRequestError(f"{req.task} needs an input image")
@@ -114,6 +109,21 @@ def _output_size(req: GenerationRequest, cfg: BagelConfig, limits: RequestLimits
                 f"{name} must be a multiple of {stride} in [{stride}, {largest}], got {value}"
             )
     return h, w
+
+
+def validate_judge_item(image: object, prompt: object, tok: Tokenizer, limits: RequestLimits) -> None:
+    """One judge item: a non-empty PIL image and a non-blank prompt within the token limit."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidRequestError("judge prompt must be a non-empty string")
+    if not isinstance(image, Image.Image) or min(image.size) < 1:
+        raise InvalidRequestError("judge needs a non-empty PIL image")
+    _check_prompt_tokens(prompt, tok, limits)
+
+
+def _check_prompt_tokens(prompt: str, tok: Tokenizer, limits: RequestLimits) -> None:
+    n_tokens = len(tok.encode(prompt))
+    if n_tokens > limits.max_prompt_tokens:
+        raise InvalidRequestError(f"prompt is {n_tokens} tokens; the limit is {limits.max_prompt_tokens}")
 
 
 def text_segment(tok: Tokenizer, text: str) -> TextSegment:

@@ -44,36 +44,38 @@ def guidance_at(params: SamplingParams, t: float) -> StepGuidance:
     return StepGuidance(params.cfg_text if inside else 1.0, params.cfg_img if inside else 1.0)
 
 
-def combine(
-    v_cond: torch.Tensor,  # (N, C) full-context velocity
-    v_text: torch.Tensor | None,  # (N, C) text-dropped branch, present iff guidance.use_text_branch
-    v_img: torch.Tensor | None,  # (N, C) image-dropped branch, present iff guidance.use_img_branch
-    guidance: StepGuidance,
-    renorm: str,
-    renorm_min: float,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class Velocities:
+    """One request's velocities at one step, by CFG branch: the full context (`cond`), the text-dropped
+    context (`text`, present iff the step uses the text branch) and the image-dropped one (`img`)."""
+
+    cond: torch.Tensor  # (N, C)
+    text: torch.Tensor | None = None  # (N, C)
+    img: torch.Tensor | None = None  # (N, C)
+
+
+def combine(v: Velocities, guidance: StepGuidance, renorm: str, renorm_min: float) -> torch.Tensor:
     """BAGEL's dual CFG with global / channel / text_channel renorm (bagel-model.md §3.4)."""
+    if (guidance.use_text_branch and v.text is None) or (guidance.use_img_branch and v.img is None):
+        raise ValueError("a velocity is missing for a CFG branch the step's guidance uses")
     if not guidance.use_text_branch:
-        return v_cond
-    assert v_text is not None
+        return v.cond
     s_txt, s_img = guidance.cfg_text, guidance.cfg_img
     if renorm == "text_channel":
-        v_t = v_text + s_txt * (v_cond - v_text)
-        k = _norm(v_cond, per_token=True) / (_norm(v_t, per_token=True) + 1e-8)
+        v_t = v.text + s_txt * (v.cond - v.text)
+        k = _norm(v.cond, per_token=True) / (_norm(v_t, per_token=True) + 1e-8)
         v_t = v_t * k.clamp(min=renorm_min, max=1.0)
         if guidance.use_img_branch:
-            assert v_img is not None
-            return v_img + s_img * (v_t - v_img)
+            return v.img + s_img * (v_t - v.img)
         return v_t
     if renorm not in ("global", "channel"):
         raise ValueError(f"unknown renorm type {renorm!r}")
-    v = v_text + s_txt * (v_cond - v_text)
+    out = v.text + s_txt * (v.cond - v.text)
     if guidance.use_img_branch:
-        assert v_img is not None
-        v = v_img + s_img * (v - v_img)
+        out = v.img + s_img * (out - v.img)
     per_token = renorm == "channel"
-    k = _norm(v_cond, per_token) / (_norm(v, per_token) + 1e-8)
-    return v * k.clamp(min=renorm_min, max=1.0)
+    k = _norm(v.cond, per_token) / (_norm(out, per_token) + 1e-8)
+    return out * k.clamp(min=renorm_min, max=1.0)
 
 
 def _norm(v: torch.Tensor, per_token: bool) -> torch.Tensor:

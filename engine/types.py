@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
+from engine.errors import InvalidRequestError
+
 if TYPE_CHECKING:
     import torch
     from PIL import Image
@@ -38,29 +40,32 @@ class SamplingParams:
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     def validate(self) -> None:
+        """Raises InvalidRequestError (a ValueError) naming the first bad field."""
         if not _is_int(self.steps):
-            raise ValueError(f"steps must be an integer, got {self.steps!r}")
+            raise InvalidRequestError(f"steps must be an integer, got {self.steps!r}")
         for name in ("cfg_text", "cfg_img", "renorm_min", "shift"):
             if not _is_number(getattr(self, name)):
-                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
+                raise InvalidRequestError(f"{name} must be a number, got {getattr(self, name)!r}")
         interval = self.cfg_interval
         if not isinstance(interval, tuple | list) or len(interval) != 2 or not all(map(_is_number, interval)):
-            raise ValueError(f"cfg_interval must be two numbers, got {interval!r}")
+            raise InvalidRequestError(f"cfg_interval must be two numbers, got {interval!r}")
         if not 2 <= self.steps <= 1000:
-            raise ValueError(f"steps must be in [2, 1000], got {self.steps}")
+            raise InvalidRequestError(f"steps must be in [2, 1000], got {self.steps}")
         lo, hi = self.cfg_interval
         if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {self.cfg_interval}")
+            raise InvalidRequestError(
+                f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {self.cfg_interval}"
+            )
         if self.renorm not in RENORM_TYPES:
-            raise ValueError(f"renorm must be one of {RENORM_TYPES}, got {self.renorm!r}")
+            raise InvalidRequestError(f"renorm must be one of {RENORM_TYPES}, got {self.renorm!r}")
         if not 0.0 <= self.renorm_min <= 1.0:
-            raise ValueError(f"renorm_min must be in [0, 1], got {self.renorm_min}")
+            raise InvalidRequestError(f"renorm_min must be in [0, 1], got {self.renorm_min}")
         if not 0.0 < self.shift <= 100.0:
-            raise ValueError(f"shift must be in (0, 100], got {self.shift}")
+            raise InvalidRequestError(f"shift must be in (0, 100], got {self.shift}")
         for name in ("cfg_text", "cfg_img"):
             value = getattr(self, name)
             if not 0.0 <= value <= 100.0:
-                raise ValueError(f"{name} must be in [0, 100], got {value}")
+                raise InvalidRequestError(f"{name} must be in [0, 100], got {value}")
 
 
 def _is_int(x) -> bool:
@@ -106,6 +111,29 @@ class StepEvent:
     rounds: int
     step: int
     total: int
+
+
+@dataclass(frozen=True)
+class FinishedRound:
+    """A decoded round (`Engine.finish`): its image, and the request and noise stream it came from."""
+
+    request: GenerationRequest
+    image: Image.Image
+    generator: torch.Generator = field(repr=False)  # continues the seed's stream in a next round
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def seed(self) -> int:
+        assert self.request.seed is not None  # validated requests always carry their seed
+        return self.request.seed
+
+    @property
+    def round_index(self) -> int:
+        return self.request.round_index
 
 
 @dataclass(frozen=True)

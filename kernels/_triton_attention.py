@@ -25,8 +25,13 @@ import triton
 import triton.language as tl
 
 from kernels._validate import default_scale
+from kernels.layout import TILE_COLS, TILE_M0, TILE_M1, TILE_SEQ, TILE_SEQ_START, build_tile_table
 
 LOG2E = 1.4426950408889634
+# Tile-table columns (kernels/layout.py) as compile-time constants of the kernel.
+_COLS, _SEQ, _M0, _M1, _SEQ_START = (
+    tl.constexpr(c) for c in (TILE_COLS, TILE_SEQ, TILE_M0, TILE_M1, TILE_SEQ_START)
+)
 
 
 def is_interpreter() -> bool:
@@ -113,12 +118,12 @@ def _mixed_attn_fwd(
     pid = tl.program_id(0)
     tile = pid // num_hq
     h = pid % num_hq  # heads of one tile are neighbouring programs: the G heads of a KV head share K/V in L2
-    seq = tl.load(TILES + tile * 4)
-    m0 = tl.load(TILES + tile * 4 + 1)
-    m1 = tl.load(TILES + tile * 4 + 2)
+    seq = tl.load(TILES + tile * _COLS + _SEQ)
+    m0 = tl.load(TILES + tile * _COLS + _M0)
+    m1 = tl.load(TILES + tile * _COLS + _M1)
     if m1 <= m0:
         return
-    seq_start = tl.load(TILES + tile * 4 + 3)
+    seq_start = tl.load(TILES + tile * _COLS + _SEQ_START)
     kvh = h // GROUP
     c0 = tl.load(CACHE_START + seq).to(tl.int64)
     n_cache = tl.load(CACHE_LEN + seq)
@@ -260,8 +265,6 @@ def mixed_attention_triton(
     with that fixed config; otherwise (GPU) it is autotuned. `out`, if given, is written in place (tests
     pass a NaN-poisoned view to check that every row, and nothing else, is written).
     """
-    from kernels.layout import build_tile_table
-
     tq, hq, d = q.shape
     hkv = k.shape[1]
     q, k, v, k_cache, v_cache = (_last_dim_contiguous(x) for x in (q, k, v, k_cache, v_cache))

@@ -16,7 +16,12 @@ import torch
 
 __all__ = ["AttentionLayout", "Segment", "SequenceSpec", "build_layout", "build_tile_table"]
 
-# Columns of the tile table: sequence index, first row, end row (global, exclusive), first row of the sequence.
+# The tile table: one int32 row per q-tile with these columns, built by `build_tile_table` and read by
+# the Triton kernel (kernels/_triton_attention.py), which takes its column indices from here.
+TILE_SEQ = 0  # sequence index
+TILE_M0 = 1  # first query row of the tile (global)
+TILE_M1 = 2  # end query row of the tile (global, exclusive)
+TILE_SEQ_START = 3  # first query row of the tile's sequence
 TILE_COLS = 4
 
 
@@ -152,7 +157,7 @@ def build_layout(seqs: Sequence[SequenceSpec], device: torch.device | str | None
 def build_tile_table(
     cu_seqlens_q: torch.Tensor, kv_end: torch.Tensor, cache_len: torch.Tensor, total_q: int, block_m: int
 ) -> torch.Tensor:
-    """Per-q-tile table `(seq, m0, m1, seq_start)` (int32, on the inputs' device), built without a sync.
+    """Per-q-tile table, columns `TILE_*` (int32, on the inputs' device), built without a sync.
 
     q-tiles never straddle sequences: sequence b contributes ceil(len_b / block_m) tiles starting at its
     first row. The table has a host-known upper bound of rows (total_q // block_m + B); unused rows have
@@ -181,5 +186,6 @@ def build_tile_table(
     last = (m1 - 1).clamp(min=0, max=max(kv_end.numel() - 1, 0))
     cost = torch.where(valid, cache_len.long()[seq] + kv_end.long()[last], torch.full_like(m0, -1))
     order = torch.argsort(cost, descending=True, stable=True)
-    table = torch.stack([seq, m0, m1, cu[seq]], dim=1)[order]
+    columns = {TILE_SEQ: seq, TILE_M0: m0, TILE_M1: m1, TILE_SEQ_START: cu[seq]}
+    table = torch.stack([columns[c] for c in range(TILE_COLS)], dim=1)[order]
     return table.to(torch.int32).contiguous()

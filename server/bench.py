@@ -109,7 +109,7 @@ def _stack(settings: Settings, engine: Any) -> Iterator[str]:
         if worker is not None:
             worker.stop()
             wthread.join(60)
-            worker.q.close()
+            worker.queue.close()
         server.should_exit = True
         api.join(60)
 

@@ -182,7 +182,7 @@ def run_worker(settings: Settings) -> int:
     probes = _probe_server(settings, worker, metrics)
     worker.load()
     metrics.worker_ready.set(1)
-    log.info("worker %s ready on %s", settings.worker_name, worker.eng.device)
+    log.info("worker %s ready on %s", settings.worker_name, worker.engine.device)
     worker.run()
     if probes is not None:
         probes.shutdown()

@@ -86,7 +86,7 @@ class MetricsMiddleware:
     """Counts requests by route template (never by job id) and status code."""
 
     def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app, self.m = app, metrics
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -105,5 +105,5 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             name = getattr(route, "path", None) or "unmatched"
-            self.m.requests.labels(route=name, code=str(status)).inc()
-            self.m.request_seconds.labels(route=name).observe(time.perf_counter() - t0)
+            self.metrics.requests.labels(route=name, code=str(status)).inc()
+            self.metrics.request_seconds.labels(route=name).observe(time.perf_counter() - t0)

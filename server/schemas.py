@@ -124,6 +124,7 @@ class JobView(BaseModel):
     rounds: int | None = None
     seed: int | None = None
     score: float | None = Field(None, description="Judge p(yes): judge jobs, and refine with until_score")
+    scores: list[float] | None = Field(None, description="Refine with until_score: judge p(yes) per round")
     error: ErrorInfo | None = None
     timings: dict[str, float] | None = None
     links: dict[str, str]

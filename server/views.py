@@ -52,6 +52,8 @@ async def job_view(rt: Runtime, rec: dict[str, str]) -> JobView:
             view[name] = int(rec[name])
     if rec.get("score"):
         view["score"] = float(rec["score"])
+    if rec.get("scores"):
+        view["scores"] = json.loads(rec["scores"])
     if status == "queued":
         view["position"] = await rt.queue.position(job_id)
         if view["position"] is not None:

@@ -16,7 +16,7 @@ from server.settings import Settings
 create_app(Settings())
 server.cli.build_parser()
 import server.worker  # the worker module too: it imports engine lazily, when the engine loads
-bad = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "engine.model", "engine.batching")))
+bad = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "engine.model", "engine.core")))
 print(",".join(bad))
 """
 
@@ -35,15 +35,31 @@ def test_server_public_surface():
     assert callable(server.create_app) and server.Settings().backend == "memory"
 
 
-def test_engine_never_imports_training():
-    """`training` is built on `engine`; the engine (and so the serving worker) never needs it."""
-    probe = (
-        "import sys, pkgutil, importlib, engine\n"
-        "for m in pkgutil.walk_packages(engine.__path__, 'engine.'):\n"
-        "    importlib.import_module(m.name)\n"
-        "print(','.join(sorted(m for m in sys.modules if m == 'training' or m.startswith('training.'))))\n"
-    )
+def _imported_by(setup: str, prefixes: tuple[str, ...]) -> list[str]:
+    """Modules under `prefixes` that running `setup` in a fresh interpreter imports."""
+    probe = f"import sys\n{setup}\nprint(','.join(sorted(sys.modules)))\n"
     out = subprocess.run(
         [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300, check=True
     )
-    assert out.stdout.strip() == "", f"engine imported: {out.stdout.strip()}"
+    modules = out.stdout.strip().split(",")
+    return [m for m in modules if any(m == p or m.startswith(p + ".") for p in prefixes)]
+
+
+def test_engine_never_imports_training_or_the_server():
+    """`training` is built on `engine`; the engine (and so the serving worker) never needs it, and it
+    knows nothing of HTTP or queues."""
+    every_engine_module = (
+        "import pkgutil, importlib, engine\n"
+        "for m in pkgutil.walk_packages(engine.__path__, 'engine.'):\n"
+        "    importlib.import_module(m.name)"
+    )
+    assert _imported_by(every_engine_module, ("training", "server", "fastapi", "starlette", "redis")) == []
+
+
+def test_batcher_is_pure_policy():
+    """The batching policy decides from plain data: it imports nothing of the engine, the queue or metrics."""
+    seen = _imported_by(
+        "import server.batcher",
+        ("engine", "torch", "server.queue", "server.metrics", "server.worker", "prometheus_client", "redis"),
+    )
+    assert seen == []

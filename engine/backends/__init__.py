@@ -1,11 +1,10 @@
 """Compile backends for the engine (compile-backends.md §7): `eager` (reference), `inductor`
 (torch.compile of the per-token blocks), `tensorrt` (optional; engines built from the exported
-`DenoiseStep`). `apply_backend(engine, name, **options)` switches a loaded engine in place.
+`DenoiseStep`). A backend is given to the engine's constructor: `Engine(..., backend=get_backend(name))`,
+or `load_engine(dir, backend=name)`.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 from engine.backends.base import (
     BACKENDS,
@@ -21,21 +20,6 @@ from engine.backends.base import (
     select_bucket,
 )
 
-if TYPE_CHECKING:
-    from engine.batching import Engine
-
-
-def apply_backend(engine: Engine, name: str = "eager", **options) -> Backend:
-    """Switch `engine` to backend `name` in place and return the configured backend.
-
-    Raises `ValueError` for an unknown name or option and `BackendUnavailable` when the backend cannot run
-    here (TensorRT libraries missing, or a CPU engine for `tensorrt`).
-    """
-    backend = get_backend(name, **options)
-    backend.apply(engine)
-    return backend
-
-
 __all__ = [
     "BACKENDS",
     "ArtifactKey",
@@ -43,7 +27,6 @@ __all__ = [
     "BackendUnavailable",
     "Capabilities",
     "ShapeBucket",
-    "apply_backend",
     "artifact_key",
     "default_buckets",
     "get_backend",

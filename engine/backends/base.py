@@ -1,7 +1,7 @@
 """Backend interface, registry, shape buckets and artifact cache keys (compile-backends.md §3, §6.5, §7.1).
 
-A backend changes how an `Engine` runs its LLM forwards without changing what they compute: `eager` is
-the reference, `inductor` compiles the per-token blocks, `tensorrt` builds engines from the exported
+A backend changes how an `Engine` runs its LLM forwards without changing what they compute; it comes in
+through the engine's constructor. `eager` is the reference, `inductor` compiles the per-token blocks, `tensorrt` builds engines from the exported
 `DenoiseStep`. Artifacts that outlive a process (TensorRT engines) live under an `ArtifactKey` directory:
 Torch-TensorRT's own engine cache keys on the graph and input specs only, not on the GPU or library
 versions (§3), so the service namespaces by device SM, library versions, model hash, precision and shape
@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 if TYPE_CHECKING:
-    from engine.batching import Engine
+    from engine.core import Engine
+    from engine.denoise import Denoiser
 
 
 class BackendUnavailable(RuntimeError):
@@ -65,8 +66,9 @@ class Backend(ABC):
     def capabilities(self) -> Capabilities: ...
 
     @abstractmethod
-    def apply(self, engine: Engine) -> None:
-        """Switch `engine` (every weight set) to this backend, in place. Idempotent."""
+    def attach(self, engine: Engine) -> Denoiser | None:
+        """Prepare `engine`'s weight sets for this backend (called once, by `Engine.__init__`); returns the
+        denoiser its steps run through, or None for the engine's packed forward."""
 
 
 # ---------------------------------------------------------------------------------------------- registry

@@ -1,24 +1,25 @@
-"""Running an engine's denoise steps one request and one CFG branch at a time (the `DenoiseStep` unit).
+"""Denoising one request and one CFG branch at a time (the `DenoiseStep` unit).
 
 Backends that compile the exported `DenoiseStep` (TensorRT) cannot take the engine's packed varlen
-forward, so they install per-branch velocity functions through `Engine.branch_steps`: the engine keeps
-the guidance, combination and Euler update, and calls the step once per active branch. Prefill stays on
+forward, so they return a `BranchwiseDenoiser`: the engine keeps the planning, CFG combination and Euler
+update, and the denoiser calls each weight set's step function once per planned branch. Prefill stays on
 the engine's packed eager path.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
 
-from engine.backends.base import ShapeBucket, select_bucket
+from engine.backends.base import PYTORCH_CAPABILITIES, Backend, Capabilities, ShapeBucket, select_bucket
 from engine.backends.export import branch_inputs
+from engine.denoise import BranchPlan, velocities_by_branch
+from engine.sampler import Velocities
 
 if TYPE_CHECKING:
-    from engine.batching import Engine, RequestState
+    from engine.core import Engine, WeightSet
 
 # (x, t, latent_ids, past_k, past_v, rope) -> (N, C) float32 velocity: DenoiseStep's signature
 StepFn = Callable[..., torch.Tensor]
@@ -39,14 +40,39 @@ class BucketedStep:
         return self.modules[bucket](x, t, latent_ids, past_k.contiguous(), past_v.contiguous(), rope)
 
 
-def install_branchwise_denoise(engine: Engine, steps: Mapping[str, StepFn]) -> None:
-    """Make `engine.step` run each weight set's denoise through `steps[weight_set_name]`, branch by branch."""
+class BranchwiseDenoiser:
+    """Every planned branch through its weight set's step function, one call per branch."""
+
+    def __init__(self, steps: Mapping[str, StepFn]) -> None:
+        self.steps = dict(steps)
+
+    def velocities(self, weights: WeightSet, plans: list[BranchPlan]) -> list[Velocities]:
+        step = self.steps[weights.name]
+        return [
+            velocities_by_branch(plan, {b: step(*branch_inputs(plan.state, b)) for b in plan.branches})
+            for plan in plans
+        ]
+
+
+def branchwise_denoiser(engine: Engine, steps: Mapping[str, StepFn]) -> BranchwiseDenoiser:
+    """A denoiser for `engine` from one step function per weight set (all of them are needed)."""
     missing = set(engine.weight_sets) - set(steps)
     if missing:
         raise ValueError(f"no step function for weight sets {sorted(missing)}")
-    for name, step in steps.items():
-        engine.branch_steps[name] = functools.partial(_branch_velocity, step)
+    return BranchwiseDenoiser(steps)
 
 
-def _branch_velocity(step: StepFn, state: RequestState, branch: str) -> torch.Tensor:
-    return step(*branch_inputs(state, branch))
+class PrebuiltBranchwiseBackend(Backend):
+    """Steps through step functions built elsewhere (exported programs, tests): `steps(engine)` returns
+    one per weight set."""
+
+    name = "branchwise"
+
+    def __init__(self, steps: Callable[[Engine], Mapping[str, StepFn]]) -> None:
+        self.steps = steps
+
+    def capabilities(self) -> Capabilities:
+        return PYTORCH_CAPABILITIES
+
+    def attach(self, engine: Engine) -> BranchwiseDenoiser:
+        return branchwise_denoiser(engine, self.steps(engine))

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from engine.backends.base import PYTORCH_CAPABILITIES, Backend, Capabilities
 
 if TYPE_CHECKING:
-    from engine.batching import Engine
+    from engine.core import Engine
 
 
 class EagerBackend(Backend):
@@ -16,5 +16,6 @@ class EagerBackend(Backend):
     def capabilities(self) -> Capabilities:
         return PYTORCH_CAPABILITIES
 
-    def apply(self, engine: Engine) -> None:
+    def attach(self, engine: Engine) -> None:
         """Nothing to do: every other backend is checked against this one."""
+        return None

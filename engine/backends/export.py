@@ -30,7 +30,7 @@ from engine.model.llm import apply_rope
 if TYPE_CHECKING:
     import onnx
 
-    from engine.batching import Engine, RequestState
+    from engine.core import Engine, RequestState
 
 # ONNX ops that mean dynamic routing or scatter-written caches crept back into the graph (§6.3).
 FORBIDDEN_ONNX_OPS = frozenset({"ScatterND", "NonZero", "GatherND"})

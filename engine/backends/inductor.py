@@ -17,7 +17,7 @@ import torch
 from engine.backends.base import PYTORCH_CAPABILITIES, Backend, Capabilities
 
 if TYPE_CHECKING:
-    from engine.batching import Engine
+    from engine.core import Engine
 
 # Modes that record CUDA graphs on their own; they need the explicit opt-in below.
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -60,13 +60,15 @@ class InductorBackend(Backend):
             opts["mode"] = self.mode
         return opts
 
-    def apply(self, engine: Engine) -> None:
+    def attach(self, engine: Engine) -> None:
+        """Wrap every layer's per-token blocks in place (idempotent); steps stay on the packed forward."""
         opts = self.compile_options()
         for ws in engine.weight_sets.values():
             for layer in ws.model.llm.layers:
                 for block in _BLOCKS:
                     if block not in vars(layer):  # not yet wrapped (an instance attribute shadows the method)
                         setattr(layer, block, _CompiledBlock(getattr(layer, block), opts))
+        return None
 
 
 class _CompiledBlock:

@@ -30,11 +30,11 @@ from engine.backends.base import (
     model_hash,
     precision_tag,
 )
-from engine.backends.branchwise import BucketedStep, install_branchwise_denoise
+from engine.backends.branchwise import BranchwiseDenoiser, BucketedStep, branchwise_denoiser
 from engine.backends.export import DenoiseStep, export_denoise_step
 
 if TYPE_CHECKING:
-    from engine.batching import Engine
+    from engine.core import Engine
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "rvr-serve" / "tensorrt"
 
@@ -124,19 +124,17 @@ class TensorRTBackend(Backend):
         digest = model_hash(step)
         return BucketedStep({b: self.build(step, b, device, digest) for b in buckets})
 
-    def apply(self, engine: Engine) -> None:
+    def attach(self, engine: Engine) -> BranchwiseDenoiser:
         if engine.device.type != "cuda":
             raise BackendUnavailable(
                 f"TensorRT engines run on CUDA devices; this engine is on {engine.device}"
             )
-        if "_denoise_step" in vars(engine):
-            return  # already applied
         buckets = self.buckets or default_buckets(engine.cfg.max_latent_size**2, self.max_p)
         steps = {
             name: self.prepare(DenoiseStep.from_engine(engine, name), buckets, engine.device)
             for name in engine.weight_sets
         }
-        install_branchwise_denoise(engine, steps)
+        return branchwise_denoiser(engine, steps)
 
     def _inputs(self, step: DenoiseStep, bucket: ShapeBucket) -> list:
         # min/opt/max profiles for N and P; t and rope are 0-d.

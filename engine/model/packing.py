@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import AttentionLayout
+from kernels import AttentionLayout, SequenceSpec, build_layout
 
 
 @dataclass(frozen=True)
@@ -83,3 +83,33 @@ class ForwardBatch:
     routing: Routing
     layout: AttentionLayout
     cache_writes: list[CacheWrite] = field(default_factory=list)
+
+
+@dataclass
+class RowPacker:
+    """Assembles the rows of one packed forward: embeddings, RoPE positions, expert runs, attention
+    sequences and cache writes, in sequence order. `build` turns them into the forward's inputs."""
+
+    embeds: list[torch.Tensor] = field(default_factory=list)  # each (n, hidden)
+    positions: list[torch.Tensor] = field(default_factory=list)  # each (n,) int64
+    runs: list[tuple[bool, int]] = field(default_factory=list)
+    sequences: list[SequenceSpec] = field(default_factory=list)
+    writes: list[CacheWrite] = field(default_factory=list)
+    rows: int = 0
+
+    def add(self, embeds: torch.Tensor, rope: torch.Tensor | int, gen: bool) -> None:
+        """Append `embeds` (n, hidden) routed to the gen expert iff `gen`; `rope` is per row or shared."""
+        n = embeds.shape[0]
+        self.embeds.append(embeds)
+        if isinstance(rope, int):
+            rope = torch.full((n,), rope, dtype=torch.long)
+        self.positions.append(rope)
+        self.runs.append((gen, n))
+        self.rows += n
+
+    def build(self, device: torch.device) -> tuple[torch.Tensor, ForwardBatch]:
+        """(T, hidden) input rows and the ForwardBatch describing them."""
+        embeds = torch.cat(self.embeds)
+        positions = torch.cat(self.positions).to(device)
+        layout = build_layout(self.sequences, device)
+        return embeds, ForwardBatch(positions, Routing.from_runs(self.runs), layout, self.writes)

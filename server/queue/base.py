@@ -1,8 +1,9 @@
 """The queue protocol both backends implement: an async side for the API, a sync side for the worker.
 
 Job records are flat `str -> str` maps (a Redis hash) with these fields: id, kind, status, created_at,
-started_at, finished_at, step, total, round, rounds, seed, score, error_code, error_message,
-output_format, attempts, worker, timings (JSON), completions (results written; 1 when correct).
+started_at, finished_at, step, total, round, rounds, seed, score, scores (JSON: p(yes) per round),
+error_code, error_message, output_format, attempts, worker, timings (JSON), completions (results
+written; 1 when correct).
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ class WorkerQueue(Protocol):
 
     def take(self, n: int, block_s: float) -> list[Delivery]:
         """At most `n` jobs: reclaimed ones first, then new ones; blocks up to `block_s` when none."""
+        ...
+
+    def wake(self) -> None:
+        """Make a `take` blocked on another thread return soon (drain)."""
         ...
 
     def input_image(self, job_id: str) -> bytes | None: ...

@@ -51,20 +51,20 @@ class RedisApiQueue:
     name = "redis"
 
     def __init__(self, settings: Settings) -> None:
-        self.s = settings
-        self.k = Keys(settings.key_prefix)
-        self.r = aioredis.Redis.from_url(
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.redis = aioredis.Redis.from_url(
             settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
         )
-        self._submit = self.r.register_script(SUBMIT)
-        self._position = self.r.register_script(POSITION)
-        self._cancel = self.r.register_script(CANCEL)
+        self._submit = self.redis.register_script(SUBMIT)
+        self._position = self.redis.register_script(POSITION)
+        self._cancel = self.redis.register_script(CANCEL)
         # Records outlive a queued job's longest wait, then the result's TTL.
         self._job_ttl = int(settings.max_queue_wait_s + settings.result_ttl_s + settings.drain_timeout_s + 60)
 
     @_unavailable
     async def ping(self) -> None:
-        await self.r.ping()
+        await self.redis.ping()
 
     @_unavailable
     async def submit(
@@ -72,11 +72,16 @@ class RedisApiQueue:
     ) -> tuple[str, bool]:
         record = initial_record(msg, fingerprint)
         flat = [x for kv in record.items() for x in kv]
-        keys = [self.k.stream, self.k.job(msg.id), self.k.events(msg.id), self.k.input(msg.id)]
-        keys.append(self.k.idem(idem_key) if idem_key else self.k.idem("-"))
+        keys = [self.keys.stream, self.keys.job(msg.id), self.keys.events(msg.id), self.keys.input(msg.id)]
+        keys.append(self.keys.idem(idem_key) if idem_key else self.keys.idem("-"))
         args = [GROUP, max_depth, msg.id, msg.model_dump_json(), fingerprint, self._job_ttl]
-        args += [self.s.idempotency_ttl_s, "1" if idem_key else "0", image or b"", self.s.events_maxlen]
-        args += [repr(time.time()), self.s.key_prefix, *flat]
+        args += [
+            self.settings.idempotency_ttl_s,
+            "1" if idem_key else "0",
+            image or b"",
+            self.settings.events_maxlen,
+        ]
+        args += [repr(time.time()), self.settings.key_prefix, *flat]
         outcome, value = await self._submit(keys=keys, args=args)
         outcome, value = outcome.decode(), value.decode()
         if outcome == "full":
@@ -87,19 +92,19 @@ class RedisApiQueue:
 
     @_unavailable
     async def get(self, job_id: str) -> dict[str, str] | None:
-        raw = await self.r.hgetall(self.k.job(job_id))
+        raw = await self.redis.hgetall(self.keys.job(job_id))
         return decode_hash(raw) if raw else None
 
     @_unavailable
     async def position(self, job_id: str) -> int | None:
-        entry = await self.r.hget(self.k.job(job_id), "stream_id")
+        entry = await self.redis.hget(self.keys.job(job_id), "stream_id")
         if entry is None:
             return None
-        return int(await self._position(keys=[self.k.stream], args=[GROUP, entry]))
+        return int(await self._position(keys=[self.keys.stream], args=[GROUP, entry]))
 
     async def _group(self) -> dict[str, Any] | None:
         try:
-            groups = await self.r.xinfo_groups(self.k.stream)
+            groups = await self.redis.xinfo_groups(self.keys.stream)
         except aioredis.ResponseError:
             return None  # no stream yet
         for g in groups:
@@ -116,17 +121,17 @@ class RedisApiQueue:
         last = last.decode() if isinstance(last, bytes) else last
         lag = g.get("lag")
         # Redis 7 keeps the group's lag in O(1); count entries only when it cannot (NULL).
-        count = 1 if isinstance(lag, int) else self.s.max_queue_depth + 1
-        waiting = await self.r.xrange(self.k.stream, f"({last}", "+", count=count)
+        count = 1 if isinstance(lag, int) else self.settings.max_queue_depth + 1
+        waiting = await self.redis.xrange(self.keys.stream, f"({last}", "+", count=count)
         queued = lag if isinstance(lag, int) else len(waiting)
         oldest = time.time() - stream_ms(waiting[0][0].decode()) if waiting else 0.0
         return QueueStats(queued=queued, running=int(g["pending"]), oldest_wait_s=max(0.0, oldest))
 
     @_unavailable
     async def worker_stats(self) -> list[WorkerStats]:
-        fresh = time.time() - max(30.0, 5 * self.s.heartbeat_interval_s)
+        fresh = time.time() - max(30.0, 5 * self.settings.heartbeat_interval_s)
         out = []
-        for raw in (await self.r.hgetall(self.k.workers)).values():
+        for raw in (await self.redis.hgetall(self.keys.workers)).values():
             d = json.loads(raw)
             if d.get("ts", 0) >= fresh:
                 out.append(WorkerStats(step_s=d["step_s"], job_s=d["job_s"], slots=d["slots"]))
@@ -134,16 +139,16 @@ class RedisApiQueue:
 
     @_unavailable
     async def cancel(self, job_id: str) -> dict[str, str] | None:
-        keys = [self.k.job(job_id), self.k.cancel(job_id), self.k.events(job_id)]
+        keys = [self.keys.job(job_id), self.keys.cancel(job_id), self.keys.events(job_id)]
         raw = await self._cancel(
-            keys=keys, args=[self.s.result_ttl_s, repr(time.time()), self.s.events_maxlen]
+            keys=keys, args=[self.settings.result_ttl_s, repr(time.time()), self.settings.events_maxlen]
         )
         return decode_hash(raw) if raw else None
 
     @_unavailable
     async def events(self, job_id: str, after: str | None, block_s: float) -> list[Event]:
         block = int(block_s * 1000) if block_s > 0 else None
-        reply = await self.r.xread({self.k.events(job_id): after or "0-0"}, count=200, block=block)
+        reply = await self.redis.xread({self.keys.events(job_id): after or "0-0"}, count=200, block=block)
         out = []
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
@@ -156,7 +161,7 @@ class RedisApiQueue:
 
     @_unavailable
     async def result(self, job_id: str) -> bytes | None:
-        return await self.r.get(self.k.result(job_id))
+        return await self.redis.get(self.keys.result(job_id))
 
     async def close(self) -> None:
-        await self.r.aclose()
+        await self.redis.aclose()

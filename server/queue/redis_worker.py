@@ -37,17 +37,17 @@ class RedisWorkerQueue:
     durable = True
 
     def __init__(self, settings: Settings) -> None:
-        self.s = settings
-        self.k = Keys(settings.key_prefix)
-        self.me = settings.worker_name
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.consumer = settings.worker_name
         block_s = settings.queue_poll_ms / 1000
-        self.r = redis.Redis.from_url(
+        self.redis = redis.Redis.from_url(
             settings.redis_url, socket_timeout=block_s + 10, socket_connect_timeout=2
         )
-        self._publish = self.r.register_script(PUBLISH)
-        self._finish = self.r.register_script(FINISH)
-        self._hand_back = self.r.register_script(HAND_BACK)
-        self._dead = self.r.register_script(DEAD_LETTER)
+        self._publish = self.redis.register_script(PUBLISH)
+        self._finish = self.redis.register_script(FINISH)
+        self._hand_back = self.redis.register_script(HAND_BACK)
+        self._dead = self.redis.register_script(DEAD_LETTER)
         self._backlog: list[Delivery] = []  # reclaimed or own pending entries, taken before new ones
         self._retry(self._ensure_group)
         self._recover_own()
@@ -71,21 +71,23 @@ class RedisWorkerQueue:
 
     def _ensure_group(self) -> None:
         try:
-            self.r.xgroup_create(self.k.stream, GROUP, id="0", mkstream=True)
+            self.redis.xgroup_create(self.keys.stream, GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
     def _recover_own(self) -> None:
         """A restarted worker (same stable name) first takes back what it held before."""
-        reply = self._retry(lambda: self.r.xreadgroup(GROUP, self.me, {self.k.stream: "0"}, count=1000))
+        reply = self._retry(
+            lambda: self.redis.xreadgroup(GROUP, self.consumer, {self.keys.stream: "0"}, count=1000)
+        )
         for _s, entries in reply or []:
             self._backlog += [d for d in (self._delivery(e, f, 2) for e, f in entries) if d]
 
     def _delivery(self, entry: bytes, fields: dict | None, deliveries: int) -> Delivery | None:
         entry_id = entry.decode()
         if not fields:  # an entry deleted while pending: nothing to run
-            self._retry(lambda: self.r.xack(self.k.stream, GROUP, entry_id))
+            self._retry(lambda: self.redis.xack(self.keys.stream, GROUP, entry_id))
             return None
         try:
             msg = JobMessage.model_validate_json(fields[b"msg"])
@@ -102,21 +104,27 @@ class RedisWorkerQueue:
             return out
         block = int(block_s * 1000) if block_s > 0 and not out else None
         reply = self._retry(
-            lambda: self.r.xreadgroup(GROUP, self.me, {self.k.stream: ">"}, count=n - len(out), block=block)
+            lambda: self.redis.xreadgroup(
+                GROUP, self.consumer, {self.keys.stream: ">"}, count=n - len(out), block=block
+            )
         )
         for _s, entries in reply or []:
             out += [d for d in (self._delivery(e, f, 1) for e, f in entries) if d]
         return out
 
+    def wake(self) -> None:
+        """Nothing to interrupt: a blocking read lasts at most `queue_poll_ms`, then the loop sees the drain."""
+        return None
+
     def input_image(self, job_id: str) -> bytes | None:
-        return self._retry(lambda: self.r.get(self.k.input(job_id)))
+        return self._retry(lambda: self.redis.get(self.keys.input(job_id)))
 
     def record(self, job_id: str) -> dict[str, str] | None:
-        raw = self._retry(lambda: self.r.hgetall(self.k.job(job_id)))
+        raw = self._retry(lambda: self.redis.hgetall(self.keys.job(job_id)))
         return decode_hash(raw) if raw else None
 
     def cancelled(self, job_ids: list[str]) -> set[str]:
-        flags = self._retry(lambda: self.r.mget([self.k.cancel(i) for i in job_ids]))
+        flags = self._retry(lambda: self.redis.mget([self.keys.cancel(i) for i in job_ids]))
         return {i for i, f in zip(job_ids, flags, strict=True) if f is not None}
 
     def publish(self, job_id: str, etype: str, data: dict, fields: dict[str, str] | None = None) -> None:
@@ -124,11 +132,17 @@ class RedisWorkerQueue:
 
     def publish_many(self, items: list[tuple[str, str, dict, dict[str, str] | None]]) -> None:
         def run() -> None:
-            pipe = self.r.pipeline(transaction=False)
+            pipe = self.redis.pipeline(transaction=False)
             for job_id, etype, data, fields in items:
                 flat = [x for kv in (fields or {}).items() for x in kv]
-                args = [etype, json.dumps(data), self.s.events_maxlen, self.s.result_ttl_s, *flat]
-                self._publish(keys=[self.k.job(job_id), self.k.events(job_id)], args=args, client=pipe)
+                args = [
+                    etype,
+                    json.dumps(data),
+                    self.settings.events_maxlen,
+                    self.settings.result_ttl_s,
+                    *flat,
+                ]
+                self._publish(keys=[self.keys.job(job_id), self.keys.events(job_id)], args=args, client=pipe)
             pipe.execute()
 
         self._retry(run)
@@ -136,15 +150,22 @@ class RedisWorkerQueue:
     def _end(self, d: Delivery, etype: str, data: dict, fields: dict[str, str], result: bytes | None) -> bool:
         i = d.msg.id
         keys = [
-            self.k.stream,
-            self.k.job(i),
-            self.k.events(i),
-            self.k.result(i),
-            self.k.input(i),
-            self.k.cancel(i),
+            self.keys.stream,
+            self.keys.job(i),
+            self.keys.events(i),
+            self.keys.result(i),
+            self.keys.input(i),
+            self.keys.cancel(i),
         ]
         flat = [x for kv in fields.items() for x in kv]
-        args = [GROUP, d.ref, etype, json.dumps(data), self.s.events_maxlen, self.s.result_ttl_s]
+        args = [
+            GROUP,
+            d.ref,
+            etype,
+            json.dumps(data),
+            self.settings.events_maxlen,
+            self.settings.result_ttl_s,
+        ]
         args += [result or b"", "1" if result is not None else "0", *flat]
         return bool(self._retry(lambda: self._finish(keys=keys, args=args)))
 
@@ -155,8 +176,8 @@ class RedisWorkerQueue:
         self._end(d, etype, data, fields, None)
 
     def hand_back(self, d: Delivery) -> None:
-        keys = [self.k.stream, self.k.job(d.msg.id), self.k.events(d.msg.id)]
-        args = [GROUP, d.ref, d.msg.id, d.msg.model_dump_json(), self.s.events_maxlen]
+        keys = [self.keys.stream, self.keys.job(d.msg.id), self.keys.events(d.msg.id)]
+        args = [GROUP, d.ref, d.msg.id, d.msg.model_dump_json(), self.settings.events_maxlen]
         self._retry(lambda: self._hand_back(keys=keys, args=args))
 
     def refresh(self, deliveries: list[Delivery], stats: WorkerStats) -> None:
@@ -165,11 +186,11 @@ class RedisWorkerQueue:
         beat = json.dumps({"ts": now, "step_s": stats.step_s, "job_s": stats.job_s, "slots": stats.slots})
 
         def run() -> None:
-            pipe = self.r.pipeline(transaction=False)
+            pipe = self.redis.pipeline(transaction=False)
             if refs:
                 # Reset idle time of what this worker holds, without counting a delivery.
-                pipe.xclaim(self.k.stream, GROUP, self.me, 0, refs, justid=True)
-            pipe.hset(self.k.workers, self.me, beat)
+                pipe.xclaim(self.keys.stream, GROUP, self.consumer, 0, refs, justid=True)
+            pipe.hset(self.keys.workers, self.consumer, beat)
             pipe.execute()
 
         self._retry(run)
@@ -180,19 +201,26 @@ class RedisWorkerQueue:
             return 0, 0  # still working through earlier reclaims
         reclaimed = dead = 0
         cursor = "0-0"
-        idle_ms = int(self.s.visibility_timeout_s * 1000)
+        idle_ms = int(self.settings.visibility_timeout_s * 1000)
         while True:
             reply = self._retry(
-                lambda c=cursor: self.r.xautoclaim(
-                    self.k.stream, GROUP, self.me, idle_ms, start_id=c, count=self.s.max_batch_jobs
+                lambda c=cursor: self.redis.xautoclaim(
+                    self.keys.stream,
+                    GROUP,
+                    self.consumer,
+                    idle_ms,
+                    start_id=c,
+                    count=self.settings.max_batch_jobs,
                 )
             )
             cursor = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
             for entry, fields in reply[1]:
                 entry_id = entry.decode()
-                info = self._retry(lambda e=entry_id: self.r.xpending_range(self.k.stream, GROUP, e, e, 1))
-                deliveries = int(info[0]["times_delivered"]) if info else self.s.max_deliveries + 1
-                if deliveries > self.s.max_deliveries:
+                info = self._retry(
+                    lambda e=entry_id: self.redis.xpending_range(self.keys.stream, GROUP, e, e, 1)
+                )
+                deliveries = int(info[0]["times_delivered"]) if info else self.settings.max_deliveries + 1
+                if deliveries > self.settings.max_deliveries:
                     job_id = (fields or {}).get(b"id", b"?").decode()
                     self._dead_letter(entry_id, job_id, "delivery cap reached", deliveries)
                     dead += 1
@@ -208,11 +236,19 @@ class RedisWorkerQueue:
         return reclaimed, dead
 
     def _dead_letter(self, entry_id: str, job_id: str, reason: str, deliveries: int) -> None:
-        keys = [self.k.stream, self.k.dead, self.k.job(job_id), self.k.events(job_id)]
+        keys = [self.keys.stream, self.keys.dead, self.keys.job(job_id), self.keys.events(job_id)]
         message = f"the job failed {deliveries - 1} time(s) on its worker ({reason})"
-        args = [GROUP, entry_id, job_id, reason, deliveries, self.s.events_maxlen, self.s.result_ttl_s]
-        args += [repr(time.time()), self.s.dead_letter_maxlen, message]
+        args = [
+            GROUP,
+            entry_id,
+            job_id,
+            reason,
+            deliveries,
+            self.settings.events_maxlen,
+            self.settings.result_ttl_s,
+        ]
+        args += [repr(time.time()), self.settings.dead_letter_maxlen, message]
         self._retry(lambda: self._dead(keys=keys, args=args))
 
     def close(self) -> None:
-        self.r.close()
+        self.redis.close()

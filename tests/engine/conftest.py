@@ -87,7 +87,7 @@ def tiny_engine(tiny_ckpt):
 
 
 def run_llm(model, embeds, positions, segments, pool_layers, *, cache=(0, 0), writes=(), gen_rows=None):
-    """One LLM forward of a single sequence with the reference attention (built like engine/batching.py).
+    """One LLM forward of a single sequence with the reference attention (built like engine/core.py).
 
     `segments`: [(length, causal), ...]; `cache`: (start, len) of pool rows the sequence also sees;
     `writes`: [(row, n, slot), ...] persisted into `pool_layers`; `gen_rows`: [(is_gen, n), ...] runs.

@@ -104,23 +104,25 @@ def _guided(steps, shift, lo, hi):
 
 
 def _count_sequences(eng, monkeypatch, states):
-    """Per denoising step: (number of attention sequences, query rows) seen by the attention function."""
+    """Per denoising step: (number of attention sequences, query rows) seen by the attention function of
+    the engine's packed denoiser; the step's own stats must say the same."""
     calls = []
-    inner = eng._attention
+    inner = eng._denoiser.attention
 
     def counting(q, k, v, kc, vc, layout):
         calls.append((layout.num_seqs, layout.total_q))
         return inner(q, k, v, kc, vc, layout)
 
-    monkeypatch.setattr(eng, "_attention", counting)
+    monkeypatch.setattr(eng._denoiser, "attention", counting)
     per_step = []
     while not all(s.done for s in states):
         calls.clear()
-        eng.step(states)
+        stats = eng.step(states).stats
         n_layers = eng.cfg.llm.num_hidden_layers
         assert len(calls) == n_layers and len(set(calls)) == 1
+        assert (stats.sequences, stats.rows) == calls[0]
         per_step.append(calls[0])
-    monkeypatch.setattr(eng, "_attention", inner)
+    monkeypatch.setattr(eng._denoiser, "attention", inner)
     return per_step
 
 

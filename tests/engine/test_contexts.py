@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine.contexts import ImageSegment, TextSegment, plan_contexts
+from engine.prefill import vit_embeddings
 from engine.requests import context_image, task_contexts
 from engine.types import GenerationRequest, SamplingParams
 from tests.engine.conftest import SYSTEM_PROMPT, empty_pool, random_image, refine_prompt, run_llm
@@ -203,7 +204,7 @@ def test_refine_prefill_kv(tiny_engine):
         assert ws.name == "rvr"
         model = ws.model
         ci = context_image(img, cfg)
-        vit = eng._vit_embeddings(model, [ci])[0]
+        vit = vit_embeddings(model, cfg, [ci])[0]
         nv = vit.shape[0]
         sys_ids, prompt_ids = _text_ids(tok, SYSTEM_PROMPT), _text_ids(tok, refine_prompt(user))
         S, P = len(sys_ids), len(prompt_ids)

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from engine.batching import Engine
+from engine.core import Engine
 from engine.kvcache import KVPool, KVPoolFull
 from engine.types import GenerationRequest, SamplingParams
 from tests.engine.conftest import empty_pool, max_pixel_diff, random_image, run_llm

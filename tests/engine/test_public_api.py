@@ -18,12 +18,14 @@ PUBLIC = [
     "CheckpointError",
     "Engine",
     "EngineError",
+    "FinishedRound",
     "GenerationRequest",
     "InvalidRequestError",
     "RequestState",
     "RoundOutput",
     "SamplingParams",
     "StepEvent",
+    "StepResult",
     "TASK_DEFAULTS",
     "default_model_dir",
     "load_engine",
@@ -36,22 +38,31 @@ def test_all_is_pinned():
 
 
 def test_every_export_resolves():
-    from engine.batching import Engine, RequestState
+    from engine.core import Engine, RequestState, StepResult
     from engine.errors import CheckpointError, EngineError, InvalidRequestError
     from engine.loading import default_model_dir, load_engine
     from engine.tiny import make_checkpoint
-    from engine.types import TASK_DEFAULTS, GenerationRequest, RoundOutput, SamplingParams, StepEvent
+    from engine.types import (
+        TASK_DEFAULTS,
+        FinishedRound,
+        GenerationRequest,
+        RoundOutput,
+        SamplingParams,
+        StepEvent,
+    )
 
     expected = {
         "CheckpointError": CheckpointError,
         "Engine": Engine,
         "EngineError": EngineError,
+        "FinishedRound": FinishedRound,
         "GenerationRequest": GenerationRequest,
         "InvalidRequestError": InvalidRequestError,
         "RequestState": RequestState,
         "RoundOutput": RoundOutput,
         "SamplingParams": SamplingParams,
         "StepEvent": StepEvent,
+        "StepResult": StepResult,
         "TASK_DEFAULTS": TASK_DEFAULTS,
         "default_model_dir": default_model_dir,
         "load_engine": load_engine,

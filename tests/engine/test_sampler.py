@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from engine.sampler import StepGuidance, combine, guidance_at, schedule
+from engine.sampler import StepGuidance, Velocities, combine, guidance_at, schedule
 from engine.types import GenerationRequest, SamplingParams
 from tests.engine.conftest import random_image
 
@@ -97,7 +97,7 @@ def _velocities(seed=0, n=24, c=16):
 def test_combine_matches_float64_reference(renorm, with_img, renorm_min):
     vc, vt, vi = _velocities()
     g = StepGuidance(4.0, 2.0 if with_img else 1.0)
-    out = combine(vc, vt, vi if with_img else None, g, renorm, renorm_min)
+    out = combine(Velocities(vc, vt, vi if with_img else None), g, renorm, renorm_min)
     ref = _ref_combine(vc, vt, vi, 4.0, g.cfg_img, renorm, renorm_min)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
@@ -107,21 +107,21 @@ def test_combine_matches_float64_reference(renorm, with_img, renorm_min):
 def test_renorm_min_one_disables_renorm(renorm):
     vc, vt, vi = _velocities(1)
     g = StepGuidance(3.0, 1.5)
-    out = combine(vc, vt, vi, g, renorm, 1.0).double()
+    out = combine(Velocities(vc, vt, vi), g, renorm, 1.0).double()
     vc, vt, vi = vc.double(), vt.double(), vi.double()
     plain = vi + 1.5 * (vt + 3.0 * (vc - vt) - vi)
     torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
     # ...and with renorm_min 0 the guided velocity is really shrunk (the test above can fail).
-    shrunk = combine(vc.float(), vt.float(), vi.float(), g, renorm, 0.0).double()
+    shrunk = combine(Velocities(vc.float(), vt.float(), vi.float()), g, renorm, 0.0).double()
     assert (shrunk - plain).abs().max() > 1e-2
 
 
 def test_renorm_bounds_norm_by_conditional():
     vc, vt, _vi = _velocities(2)
     g = StepGuidance(4.0, 1.0)
-    out = combine(vc, vt, None, g, "channel", 0.0)
+    out = combine(Velocities(vc, vt), g, "channel", 0.0)
     assert torch.all(out.norm(dim=-1) <= vc.norm(dim=-1) * (1 + 1e-5))
-    out = combine(vc, vt, None, g, "global", 0.0)
+    out = combine(Velocities(vc, vt), g, "global", 0.0)
     assert out.norm() <= vc.norm() * (1 + 1e-5)
 
 
@@ -129,14 +129,22 @@ def test_renorm_bounds_norm_by_conditional():
 def test_text_scale_at_most_one_returns_v_cond(s_txt):
     vc, vt, vi = _velocities(3)
     for renorm in ("global", "channel", "text_channel"):
-        out = combine(vc, vt, vi, StepGuidance(s_txt, 3.0), renorm, 0.0)
+        out = combine(Velocities(vc, vt, vi), StepGuidance(s_txt, 3.0), renorm, 0.0)
         assert torch.equal(out, vc)
+
+
+def test_a_missing_branch_velocity_is_an_error():
+    vc, vt, _vi = _velocities(5)
+    with pytest.raises(ValueError, match="missing"):
+        combine(Velocities(vc), StepGuidance(2.0, 1.0), "global", 0.0)  # text branch on, no v_text
+    with pytest.raises(ValueError, match="missing"):
+        combine(Velocities(vc, vt), StepGuidance(2.0, 3.0), "text_channel", 0.0)  # image branch on
 
 
 def test_unknown_renorm_raises():
     vc, vt, _vi = _velocities(4)
     with pytest.raises(ValueError, match="local"):
-        combine(vc, vt, None, StepGuidance(2.0, 1.0), "local", 0.0)
+        combine(Velocities(vc, vt), StepGuidance(2.0, 1.0), "local", 0.0)
 
 
 # --------------------------------------------------------------------------- per-request norms

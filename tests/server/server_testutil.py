@@ -153,7 +153,7 @@ class Stack:
         return self
 
     def worker_metrics(self):
-        return self.worker.m if self.worker is not None else self.rt.metrics
+        return self.worker.metrics if self.worker is not None else self.rt.metrics
 
     @property
     def rt(self):
@@ -166,7 +166,7 @@ class Stack:
         if self.worker is not None:
             self.worker.stop()
             self.worker_thread.join(30)
-            self.worker.q.close()
+            self.worker.queue.close()
         self.live.stop()
 
 

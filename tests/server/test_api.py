@@ -152,6 +152,17 @@ def test_until_score_stops_early_and_reports_the_score(client):
     assert client.get(f"/v1/jobs/{job}/result").headers["x-score"] == repr(view["score"])
 
 
+def test_every_round_reports_its_judge_score(client):
+    """until_score = 1.0 is never reached, so all rounds run; each round's p(yes) is kept, in order."""
+    job = refine_multipart(client, steps=3, rounds=2, until_score=1.0).json()["id"]
+    view = poll(client, job, {"succeeded", "failed"})
+    assert view["status"] == "succeeded" and view["round"] == 2
+    assert len(view["scores"]) == 2 and all(0.0 <= p < 1.0 for p in view["scores"])
+    assert view["score"] == view["scores"][-1]
+    completed = [e for e in read_sse(client, "GET", f"/v1/jobs/{job}/events") if e["event"] == "completed"]
+    assert completed[0]["data"]["scores"] == view["scores"]
+
+
 def test_job_status_errors(client):
     assert client.get("/v1/jobs/doesnotexist").status_code == 404
     assert client.get("/v1/jobs/doesnotexist").json()["error"]["code"] == "not_found"

@@ -62,7 +62,7 @@ def worker_thread(settings, engine, **overrides):
     finally:
         w.stop()
         t.join(30)
-        w.q.close()
+        w.queue.close()
 
 
 @pytest.fixture
@@ -180,7 +180,7 @@ def test_a_job_past_the_delivery_cap_is_dead_lettered(api, client, rds, engine):
         assert len(dead) == 1 and dead[0][1][b"id"].decode() == job and dead[0][1][b"deliveries"] == b"2"
         assert job_events(client, job)[-1]["event"] == "failed"
         assert rds.xpending(keys.stream, GROUP)["pending"] == 0
-        assert w.m.dead_lettered._value.get() == 1
+        assert w.metrics.dead_lettered._value.get() == 1
 
 
 def test_an_abandoned_job_is_reclaimed_and_completed(api, client, rds, engine):
@@ -192,7 +192,7 @@ def test_an_abandoned_job_is_reclaimed_and_completed(api, client, rds, engine):
         assert poll(client, job, {"succeeded", "failed"}, timeout=30)["status"] == "succeeded"
         rec = rds.hgetall(keys.job(job))
         assert rec[b"attempts"] == b"2" and rec[b"completions"] == b"1"
-        assert w.m.reclaimed._value.get() == 1
+        assert w.metrics.reclaimed._value.get() == 1
 
 
 def test_duplicate_delivery_of_a_finished_job_is_acked_without_running(api, client, rds, engine):

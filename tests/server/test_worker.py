@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+from server.queue.base import Delivery
 from server.queue.memory import MemoryQueue
 from server.schemas import JobMessage, JobParams
 from server.settings import Settings
@@ -75,7 +76,7 @@ def _png(size=(64, 48)) -> bytes:
 def run_until_idle(w: Worker, limit: int = 500) -> None:
     for _ in range(limit):
         w.tick()
-        if not (w._active or w._held or w._judges or w._finishing):
+        if w.idle:
             return
     raise AssertionError("worker did not go idle")
 
@@ -111,7 +112,8 @@ def test_new_job_joins_at_the_next_step_boundary(engine):
 def test_token_budget_bounds_the_batch(engine):
     q, w, _ = make(engine)
     a = submit(q, steps=3)
-    kv = w.eng.kv_tokens(w._to_request(JobMessage.new(a, "refine", JobParams(prompt="a red apple"), True, 9)))
+    msg = JobMessage.new(a, "refine", JobParams(prompt="a red apple"), True, 9)
+    kv = w._to_job(Delivery(msg, ref=a)).kv_tokens
     q2, w2, spy2 = make(engine, token_budget=kv + 1)  # room for one job at a time
     a, b = submit(q2, steps=3), submit(q2, steps=3, prompt="a green pear")
     run_until_idle(w2)
@@ -223,3 +225,24 @@ def test_previews_per_round_are_capped(engine):
     run_until_idle(w)
     events = asyncio.run(q.events(a, None, 0))
     assert [e.data["step"] for e in events if e.type == "preview"] == [4, 8]
+
+
+def test_an_internal_value_error_is_not_blamed_on_the_client(engine):
+    """Only the engine's InvalidRequestError is the client's fault; any other error, a ValueError from
+    deep inside the engine included, is an internal error whose text never reaches the client."""
+
+    class Broken(Spy):
+        def prepare(self, reqs):
+            raise ValueError("shapes (3, 7) and (5,) at 0x7f00deadbeef do not match")
+
+    q, w, _ = make(Broken(engine))
+    a = submit(q, steps=3)
+    run_until_idle(w)
+    rec = status(q, a)
+    assert rec["status"] == "failed" and rec["error_code"] == "generation_failed"
+    assert rec["error_message"] == "internal error (ValueError)"
+    # A request the engine itself rejects is still the client's fault.
+    q2, w2, _ = make(engine)
+    b = submit(q2, steps=3, height=4096, width=64)
+    run_until_idle(w2)
+    assert status(q2, b)["error_code"] == "invalid_input" and "height" in status(q2, b)["error_message"]

@@ -26,10 +26,12 @@ def refine_request(steps: int = 4) -> GenerationRequest:
     return GenerationRequest("refine", "a red bicycle", random_image(100, 70, 1), params, seed=1)
 
 
-def fresh_engine(ckpt):
+def fresh_engine(ckpt, backend: str = "eager", **backend_options):
     from engine.loading import load_engine
 
-    return load_engine(ckpt, device="cpu", attention="reference")
+    return load_engine(
+        ckpt, device="cpu", attention="reference", backend=backend, backend_options=backend_options
+    )
 
 
 def run_refine(engine) -> torch.Tensor:

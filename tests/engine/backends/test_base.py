@@ -13,7 +13,6 @@ from engine.backends import (
     ArtifactKey,
     BackendUnavailable,
     ShapeBucket,
-    apply_backend,
     artifact_key,
     default_buckets,
     get_backend,
@@ -23,6 +22,8 @@ from engine.backends import (
 from engine.backends.base import device_tag, library_versions, precision_tag
 from engine.backends.eager import EagerBackend
 from engine.backends.inductor import InductorBackend
+from engine.denoise import PackedDenoiser
+from engine.errors import CheckpointError
 from tests.engine.backends.conftest import fresh_engine
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None and importlib.util.find_spec("torch_tensorrt")
@@ -174,22 +175,20 @@ def test_tensorrt_unavailable_is_explicit(tiny_ckpt):
     with pytest.raises(BackendUnavailable, match="cannot be installed from PyPI alone") as info:
         get_backend("tensorrt")
     assert "inductor" in str(info.value)  # says what to use instead
-    engine = fresh_engine(tiny_ckpt)
-    with pytest.raises(BackendUnavailable):
-        apply_backend(engine, "tensorrt")
-    assert "_denoise_step" not in vars(engine)  # nothing was half-applied
+    with pytest.raises(CheckpointError, match=r"backend 'tensorrt'.*cannot be installed from PyPI alone"):
+        fresh_engine(tiny_ckpt, "tensorrt")  # the loader names the backend, and builds no engine
 
 
-def test_apply_eager_is_identity(tiny_ckpt):
+def test_eager_engine_runs_the_packed_forward(tiny_ckpt):
     engine = fresh_engine(tiny_ckpt)
-    backend = apply_backend(engine, "eager")
-    assert isinstance(backend, EagerBackend) and backend.capabilities().varlen
-    assert "_denoise_step" not in vars(engine)
+    assert isinstance(engine.backend, EagerBackend) and engine.backend.capabilities().varlen
+    assert isinstance(engine._denoiser, PackedDenoiser)
+    assert engine.info()["backend"] == "eager"
     assert all("pre_attention" not in vars(layer) for layer in engine.weight_sets["rvr"].model.llm.layers)
 
 
 def test_tensorrt_refuses_cpu_engine(tiny_ckpt):
     pytest.importorskip("tensorrt")
     pytest.importorskip("torch_tensorrt")
-    with pytest.raises(BackendUnavailable, match="CUDA"):
-        apply_backend(fresh_engine(tiny_ckpt), "tensorrt")
+    with pytest.raises(CheckpointError, match="CUDA"):
+        fresh_engine(tiny_ckpt, "tensorrt")

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from engine.backends import ShapeBucket
-from engine.backends.branchwise import BucketedStep, install_branchwise_denoise
+from engine.backends.branchwise import BucketedStep, PrebuiltBranchwiseBackend, branchwise_denoiser
 from engine.backends.export import (
     DenoiseStep,
     branch_inputs,
     export_denoise_step,
     forbidden_aten_ops,
 )
+from engine.core import Engine
 from tests.engine.backends.conftest import BUCKET_ARGS, IndexRouted, fresh_engine, refine_request, run_refine
 
 BRANCHES = ("gen", "cfg_text", "cfg_img")  # the engine packs a request's branches in this order
@@ -80,16 +81,29 @@ def test_denoise_step_equals_engine_packed_step(tiny_ckpt):
 
 
 def test_branchwise_engine_with_exported_steps_equals_packed(tiny_ckpt, exported, eager_latents):
-    """The path the tensorrt backend installs (bucketed per-branch modules), here with exported programs."""
-    engine = fresh_engine(tiny_ckpt)
+    """The path the tensorrt backend takes (bucketed per-branch modules), here with exported programs."""
     bucket, small = ShapeBucket(*BUCKET_ARGS), ShapeBucket((1, 8, 8), BUCKET_ARGS[1])
-    steps = {}
-    for name in engine.weight_sets:
-        step = DenoiseStep.from_engine(engine, name)
-        # Refine runs rvr with N = 24: the exported program's bucket; the eager step holds the small one.
-        steps[name] = BucketedStep({small: step, bucket: exported.module() if name == "rvr" else step})
-    install_branchwise_denoise(engine, steps)
+
+    def steps(engine):
+        out = {}
+        for name in engine.weight_sets:
+            step = DenoiseStep.from_engine(engine, name)
+            # Refine runs rvr with N = 24: the exported program's bucket; the eager step holds the small one.
+            out[name] = BucketedStep({small: step, bucket: exported.module() if name == "rvr" else step})
+        return out
+
+    base = fresh_engine(tiny_ckpt)
+    engine = Engine(
+        base.cfg,
+        base.tokenizer,
+        {name: ws.model for name, ws in base.weight_sets.items()},
+        base.vae,
+        base.device,
+        base.dtype,
+        attention="reference",
+        backend=PrebuiltBranchwiseBackend(steps),
+    )
     latents = run_refine(engine)
     assert _rel(latents, eager_latents) < 1e-5
     with pytest.raises(ValueError, match="no step function"):
-        install_branchwise_denoise(engine, {"rvr": steps["rvr"]})
+        branchwise_denoiser(engine, {"rvr": steps(engine)["rvr"]})

@@ -6,15 +6,14 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from engine.backends import apply_backend
+from engine.backends import get_backend
 from engine.backends.inductor import _CompiledBlock
 from tests.engine.backends.conftest import fresh_engine, run_refine
 
 
 @pytest.mark.slow
 def test_inductor_refine_matches_eager(tiny_ckpt, eager_latents):
-    engine = fresh_engine(tiny_ckpt)
-    apply_backend(engine, "inductor")
+    engine = fresh_engine(tiny_ckpt, "inductor")
     layers = [layer for ws in engine.weight_sets.values() for layer in ws.model.llm.layers]
     assert all(
         isinstance(vars(layer)[b], _CompiledBlock)
@@ -22,7 +21,7 @@ def test_inductor_refine_matches_eager(tiny_ckpt, eager_latents):
         for b in ("pre_attention", "post_attention")
     )
     first = vars(layers[0])["pre_attention"]
-    apply_backend(engine, "inductor")  # idempotent: no double wrapping
+    get_backend("inductor").attach(engine)  # idempotent: no double wrapping
     assert vars(layers[0])["pre_attention"] is first
 
     graphs = counters["stats"]["unique_graphs"]
