@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from server.errors import InvalidInput, ServeError
+from server.errors import InvalidInput, ServeError, error_body
 from server.metrics import Metrics
 from server.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from server.queue import make_api_queue
@@ -69,7 +69,7 @@ def create_app(
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
         metrics.failures.labels(code=exc.code).inc()
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return JSONResponse(error_body(exc, request.url.path), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -89,11 +89,12 @@ def create_app(
         log.exception("unhandled error on %s", request.url.path)
         return await _serve_error(request, ServeError("internal error"))
 
-    from server.routes import health, jobs, submit
+    from server.routes import health, jobs, openai_images, submit
 
     app.include_router(health.router)
     app.include_router(submit.router)
     app.include_router(jobs.router)
+    app.include_router(openai_images.router)
     # Outermost first: metrics see every answer, auth runs before the body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(AuthMiddleware, digests=settings.key_digests())

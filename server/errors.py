@@ -1,7 +1,8 @@
 """The one error type of the server, and the one place it becomes an HTTP response.
 
 `code` is the string a client sees in `{"error": {"code", "message"}}`, in SSE `failed` events, in job
-status, and as the `rvr_request_failures_total{code}` label.
+status, and as the `rvr_request_failures_total{code}` label. The OpenAI-compatible routes render the same
+error in OpenAI's `{"error": {"message", "type", "code", "param"}}` shape, with the same status code.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 class ServeError(Exception):
     code = "internal"
     status = 500
+    param: str | None = None  # the request field at fault, where one is (OpenAI's `error.param`)
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None, job_id: str | None = None):
         super().__init__(message)
@@ -22,6 +24,33 @@ class ServeError(Exception):
         if self.job_id:
             error["job_id"] = self.job_id
         return {"error": error}
+
+
+# Paths whose callers speak OpenAI's API (its SDKs read `error.type` and `error.param`).
+OPENAI_PATH_PREFIXES = ("/v1/images/", "/v1/models")
+
+
+def _openai_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def error_body(err: ServeError, path: str) -> dict:
+    """The JSON body of `err` as the route at `path` answers it."""
+    if not path.startswith(OPENAI_PATH_PREFIXES):
+        return err.body()
+    error: dict = {
+        "message": err.message,
+        "type": _openai_type(err.status),
+        "code": err.code,
+        "param": err.param,
+    }
+    if err.job_id:
+        error["job_id"] = err.job_id
+    return {"error": error}
 
 
 class Overloaded(ServeError):
@@ -50,6 +79,27 @@ class ImageTooLarge(ServeError):
 
 class BadRequest(ServeError):
     code, status = "bad_request", 400
+
+
+class UnsupportedOption(BadRequest):
+    """An option of a compatible API (OpenAI's images) that this service does not implement: refused,
+    never ignored."""
+
+    code = "unsupported_option"
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+class ModelNotFound(ServeError):
+    code, status, param = "model_not_found", 404, "model"
+
+
+class WaitTimeout(ServeError):
+    """A synchronous-only caller (the OpenAI routes) waited `max_wait_s`; the job was cancelled."""
+
+    code, status = "timeout", 504
 
 
 class Unauthorized(ServeError):

@@ -8,14 +8,14 @@ import secrets
 import time
 from typing import Any
 
-from server.errors import PayloadTooLarge, ServeError, Unauthorized
+from server.errors import PayloadTooLarge, ServeError, Unauthorized, error_body
 from server.metrics import Metrics
 
 Scope = dict[str, Any]
 
 
-async def send_error(send: Any, err: ServeError) -> None:
-    body = json.dumps(err.body()).encode()
+async def send_error(scope: Scope, send: Any, err: ServeError) -> None:
+    body = json.dumps(error_body(err, scope.get("path", ""))).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
@@ -49,7 +49,7 @@ class AuthMiddleware:
                 ok |= secrets.compare_digest(digest, d)
             if scheme.lower() != "bearer" or not token or not ok:
                 err = Unauthorized("missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
-                return await send_error(send, err)
+                return await send_error(scope, send, err)
             client = digest.hex()[:16]
         scope.setdefault("state", {})["client"] = client  # scopes Idempotency-Key per client
         return await self.app(scope, receive, send)
@@ -67,7 +67,7 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         declared = _header(scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await send_error(send, PayloadTooLarge(f"the body is over {self.max_bytes} bytes"))
+            return await send_error(scope, send, PayloadTooLarge(f"the body is over {self.max_bytes} bytes"))
         seen = 0
 
         async def counting_receive() -> dict:

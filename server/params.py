@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -27,7 +28,7 @@ def _validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _form_value(name: str, value: str) -> Any:
+def form_value(name: str, value: str) -> Any:
     # Multipart carries strings; cfg_interval is "lo,hi" (or a JSON list). Pydantic coerces the rest.
     if name == "cfg_interval":
         text = value.strip()
@@ -68,39 +69,59 @@ async def parse_body(request: Request, model: type[BaseModel], needs_image: bool
         fields, image = await _read_form(request, needs_image)
     else:
         raise UnsupportedMediaType("send application/json or multipart/form-data")
+    return validate_params(model, fields), image
+
+
+def validate_params(model: type[BaseModel], fields: dict[str, Any]) -> Any:
     try:
-        return model.model_validate(fields), image
+        return model.model_validate(fields)
     except ValidationError as exc:
         raise InvalidInput(_validation_message(exc)) from exc
 
 
-async def _read_form(request: Request, needs_image: bool) -> tuple[dict[str, Any], bytes | None]:
+@dataclass
+class FilePart:
+    name: str
+    content_type: str | None
+    data: bytes
+
+
+async def read_multipart(request: Request, max_files: int = 1) -> tuple[dict[str, str], list[FilePart]]:
+    """A multipart body -> (text fields, file parts), within the field and part limits (400 otherwise)."""
     try:
-        form = await request.form(max_files=1, max_fields=_MAX_FIELDS, max_part_size=256 * 1024)
+        form = await request.form(max_files=max_files, max_fields=_MAX_FIELDS, max_part_size=256 * 1024)
     except ServeError:
         raise  # the streamed byte cap (413)
     except Exception as exc:
         raise BadRequest("the multipart body could not be parsed") from exc
     try:
-        fields: dict[str, Any] = {}
-        image = None
+        fields: dict[str, str] = {}
+        files: list[FilePart] = []
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
-                if name != "image":
-                    raise InvalidInput(f"{name}: unexpected file")
-                continue
-            fields[name] = _form_value(name, value)
-        upload = form.get("image")
-        if needs_image:
-            if not isinstance(upload, UploadFile):
-                raise InvalidInput("image: a file part is required")
-            check_declared_type(upload.content_type)
-            image = await upload.read()
-        elif upload is not None:
-            raise InvalidInput("image: not accepted by this endpoint")
-        return fields, image
+                files.append(FilePart(name, value.content_type, await value.read()))
+            else:
+                fields[name] = value
+        return fields, files
     finally:
         await form.close()  # spooled upload files
+
+
+async def _read_form(request: Request, needs_image: bool) -> tuple[dict[str, Any], bytes | None]:
+    text, files = await read_multipart(request)
+    fields = {name: form_value(name, value) for name, value in text.items()}
+    for part in files:
+        if part.name != "image":
+            raise InvalidInput(f"{part.name}: unexpected file")
+    upload = files[0] if files else None
+    if needs_image:
+        if upload is None:
+            raise InvalidInput("image: a file part is required")
+        check_declared_type(upload.content_type)
+        return fields, upload.data
+    if upload is not None:
+        raise InvalidInput("image: not accepted by this endpoint")
+    return fields, None
 
 
 def check_limits(kind: str, p: JobParams, s: Settings) -> None:

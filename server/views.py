@@ -73,7 +73,8 @@ async def job_view(rt: Runtime, rec: dict[str, str]) -> JobView:
     return JobView(**view)
 
 
-async def result_response(rt: Runtime, job_id: str) -> Response:
+async def finished_result(rt: Runtime, job_id: str) -> tuple[dict[str, str], bytes]:
+    """(record, result bytes) of a succeeded job; the error a caller gets for any other state."""
     rec = await rt.queue.get(job_id)
     if rec is None:
         raise NotFound("unknown or expired job")
@@ -87,6 +88,11 @@ async def result_response(rt: Runtime, job_id: str) -> Response:
     body = await rt.queue.result(job_id)
     if body is None:
         raise NotFound("the result expired")
+    return rec, body
+
+
+async def result_response(rt: Runtime, job_id: str) -> Response:
+    rec, body = await finished_result(rt, job_id)
     media = "application/json" if rec["kind"] == "judge" else CONTENT_TYPES[rec.get("output_format", "png")]
     headers = {"X-Job-Id": job_id}
     if rec.get("seed"):
