@@ -69,8 +69,12 @@ _UNSUPPORTED = {
     "frame_duration_ms",
     "complexity",
 }
-# Sizes come from `size`; a second way to say them would only conflict.
-_NOT_HERE = {"height", "width", "image"}
+# Fields of the native API that have another form here.
+_NOT_HERE = {
+    "height": "give the output size as size=WxH",
+    "width": "give the output size as size=WxH",
+    "image": "send the image as a file part of a multipart /v1/images/edits",
+}
 
 
 class ImageOptions(BaseModel):
@@ -177,8 +181,8 @@ def _job_params(kind: str, fields: dict[str, Any], settings: Settings) -> tuple[
     if opts.output_format in ("gif", "svg"):
         raise UnsupportedOption("output_format", "output_format: png, jpeg or webp")
     extra = dict(opts.model_extra or {})
-    for name in _NOT_HERE & set(extra):
-        raise InvalidInput(f"{name}: not accepted here; give the output size as size=WxH")
+    for name in sorted(_NOT_HERE.keys() & extra.keys()):
+        raise InvalidInput(f"{name}: not accepted here; {_NOT_HERE[name]}")
     job: dict[str, Any] = {"prompt": opts.prompt, **extra}
     if opts.output_format:
         job["output_format"] = opts.output_format
@@ -193,12 +197,13 @@ def _job_params(kind: str, fields: dict[str, Any], settings: Settings) -> tuple[
     return params, opts.safety_identifier or opts.user
 
 
-def _refuse_unsupported(fields: dict[str, Any]) -> None:
+def _without_unsupported(fields: dict[str, Any]) -> dict[str, Any]:
+    """400 for an OpenAI option RvR does not implement; the ones at their neutral value are dropped."""
     for name in sorted(_UNSUPPORTED & set(fields)):
         value = fields[name]
-        if value is None or str(value).lower() in _NEUTRAL.get(name, set()):
-            continue
-        raise UnsupportedOption(name, f"{name}: not supported by this service")
+        if value is not None and str(value).lower() not in _NEUTRAL.get(name, set()):
+            raise UnsupportedOption(name, f"{name}: not supported by this service")
+    return {k: v for k, v in fields.items() if k not in _UNSUPPORTED}
 
 
 async def _run(
@@ -206,8 +211,7 @@ async def _run(
 ) -> Response:
     rt: Runtime = request.app.state.rt
     idem_key = idempotency_key(request)
-    _refuse_unsupported(fields)
-    params, user = _job_params(kind, fields, rt.settings)
+    params, user = _job_params(kind, _without_unsupported(fields), rt.settings)
     job_id = await enqueue(request, rt, kind, params, image, depth, idem_key)
     if user:
         log.info("job %s for user %r", job_id, user)  # what OpenAI's `user` is for: tracing abuse

@@ -11,7 +11,6 @@ import uuid
 import httpx
 import pytest
 from PIL import Image
-
 from rvr_client import (
     Client,
     CompletedEvent,
@@ -28,6 +27,7 @@ from rvr_client import (
     StartedEvent,
     Unauthorized,
 )
+
 from tests.client.client_testutil import CuttingProxy
 from tests.server.server_testutil import LONG, Stack, free_port, image_bytes, stack_settings, wait_until
 

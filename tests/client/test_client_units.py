@@ -7,7 +7,6 @@ import sys
 
 import pytest
 from PIL import Image
-
 from rvr_client import (
     CompletedEvent,
     Event,
@@ -162,7 +161,7 @@ def test_image_inputs(tmp_path):
     assert image_upload(bytearray(png))[1] == png
     with open(path, "rb") as f:
         assert image_upload(f) == ("in.png", png, "image/png")
-    name, data, ctype = image_upload(Image.new("RGB", (5, 4)))
+    _, data, ctype = image_upload(Image.new("RGB", (5, 4)))
     assert ctype == "image/png" and Image.open(io.BytesIO(data)).size == (5, 4)
     with open(path, encoding="latin-1") as f, pytest.raises(TypeError, match="binary"):
         image_upload(f)
