@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install rvr-serve with its test extras (idempotent). Installs redis-server when missing
-# and we are root (the Redis tests and the Redis queue backend need it).
+# Create .venv and install rvr-serve with its test extras and the rvr-client package (idempotent). Installs
+# redis-server when missing and we are root (the Redis tests and the Redis queue backend need it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,3 +21,4 @@ if ! python -c "import torch" 2>/dev/null; then
     fi
 fi
 pip install -q -e ".[${RVR_EXTRAS:-test,triton,export}]"
+pip install -q -e ./client  # rvr-client, the Python client (its own package; tested by tests/client)

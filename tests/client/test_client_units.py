@@ -218,3 +218,20 @@ def test_without_pillow_results_are_bytes_and_image_says_why(monkeypatch):
     assert r.content.startswith(b"\x89PNG")
     with pytest.raises(ImportError, match=r"pip install 'rvr-client\[pil\]'"):
         _ = r.image
+
+
+def test_the_client_imports_only_httpx_and_the_standard_library():
+    """It installs without the server: no torch, no server or engine code, Pillow only when asked."""
+    import subprocess
+    from pathlib import Path
+
+    client_dir = Path(__file__).resolve().parents[2] / "client"
+    probe = (
+        "import sys, rvr_client\n"
+        "bad = ('torch', 'server', 'engine', 'PIL', 'numpy', 'fastapi', 'pydantic')\n"
+        "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in bad)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=client_dir, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == ""
