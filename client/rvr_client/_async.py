@@ -76,7 +76,7 @@ class AsyncClient:
         """Refine `image` (path, bytes, binary file or PIL image) towards `prompt` and wait for the
         result. `params` are the API's fields (seed, steps, rounds, until_score, output_format, ...)."""
         job = await self.submit_refine(image, prompt, idempotency_key=idempotency_key, **params)
-        return await job._wait_abandoning(timeout, on_progress)  # type: ignore[return-value]
+        return await job._wait_abandoning(timeout, on_progress)
 
     async def generate(
         self,
@@ -89,7 +89,7 @@ class AsyncClient:
     ) -> Result:
         """Text-to-image; waits for the result."""
         job = await self.submit_generate(prompt, idempotency_key=idempotency_key, **params)
-        return await job._wait_abandoning(timeout, on_progress)  # type: ignore[return-value]
+        return await job._wait_abandoning(timeout, on_progress)
 
     async def judge(
         self,
@@ -102,7 +102,7 @@ class AsyncClient:
     ) -> JudgeResult:
         """p(yes) that `image` shows `prompt`."""
         job = await self._submit("judge", prompt, image, params, idempotency_key)
-        return await job._wait_abandoning(timeout, None)  # type: ignore[return-value]
+        return await job._wait_abandoning(timeout, None)
 
     # ---- jobs ----
     async def submit_refine(

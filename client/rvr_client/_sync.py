@@ -74,7 +74,7 @@ class Client:
         """Refine `image` (path, bytes, binary file or PIL image) towards `prompt` and wait for the
         result. `params` are the API's fields (seed, steps, rounds, until_score, output_format, ...)."""
         job = self.submit_refine(image, prompt, idempotency_key=idempotency_key, **params)
-        return job._wait_abandoning(timeout, on_progress)  # type: ignore[return-value]
+        return job._wait_abandoning(timeout, on_progress)
 
     def generate(
         self,
@@ -87,7 +87,7 @@ class Client:
     ) -> Result:
         """Text-to-image; waits for the result."""
         job = self.submit_generate(prompt, idempotency_key=idempotency_key, **params)
-        return job._wait_abandoning(timeout, on_progress)  # type: ignore[return-value]
+        return job._wait_abandoning(timeout, on_progress)
 
     def judge(
         self,
@@ -100,7 +100,7 @@ class Client:
     ) -> JudgeResult:
         """p(yes) that `image` shows `prompt`."""
         job = self._submit("judge", prompt, image, params, idempotency_key)
-        return job._wait_abandoning(timeout, None)  # type: ignore[return-value]
+        return job._wait_abandoning(timeout, None)
 
     # ---- jobs ----
     def submit_refine(

@@ -1,0 +1,275 @@
+"""The blocking client. `_async.py` is the same logic over `httpx.AsyncClient`; keep them in step."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+
+from rvr_client import _protocol as proto
+from rvr_client.errors import ConnectionFailed, RvrError, WaitTimeout, job_error
+from rvr_client.events import Event, FailedEvent, SSEDecoder
+from rvr_client.results import JobStatus, JudgeResult, Result
+from rvr_client.retry import RetryPolicy
+
+ProgressCallback = Callable[[Event], Any]
+
+
+class Client:
+    """A client of one rvr-serve deployment. Thread-safe; reuse one per process (it pools connections).
+
+    Example::
+
+        with Client("http://127.0.0.1:8000", api_key="...") as rvr:
+            out = rvr.refine("in.png", "two red apples", seed=42, on_progress=print)
+            out.image.save("refined.png")             # or out.content: the PNG bytes
+            job = rvr.submit_generate("a blue cup")   # returns at once
+            for event in job.events(): ...
+
+    `base_url` and `api_key` default to `RVR_BASE_URL` / `RVR_API_KEY`. `timeout` bounds each HTTP
+    exchange (connect, and each read: event streams get a keep-alive every 15 s); waiting calls take
+    their own `timeout` for the whole job.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        self.base_url, api_key = proto.base_url_and_key(base_url, api_key)
+        self.retry = retry or RetryPolicy()
+        self._headers = proto.default_headers(api_key)
+        self._own_http = http_client is None
+        self._http = http_client or httpx.Client(timeout=timeout)
+
+    # ---- lifecycle ----
+    def close(self) -> None:
+        if self._own_http:
+            self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- waiting calls ----
+    def refine(
+        self,
+        image: Any,
+        prompt: str,
+        *,
+        on_progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+        **params: Any,
+    ) -> Result:
+        """Refine `image` (path, bytes, binary file or PIL image) towards `prompt` and wait for the
+        result. `params` are the API's fields (seed, steps, rounds, until_score, output_format, ...)."""
+        job = self.submit_refine(image, prompt, idempotency_key=idempotency_key, **params)
+        return job._wait_abandoning(timeout, on_progress)  # type: ignore[return-value]
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        on_progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+        **params: Any,
+    ) -> Result:
+        """Text-to-image; waits for the result."""
+        job = self.submit_generate(prompt, idempotency_key=idempotency_key, **params)
+        return job._wait_abandoning(timeout, on_progress)  # type: ignore[return-value]
+
+    def judge(
+        self,
+        image: Any,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+        **params: Any,
+    ) -> JudgeResult:
+        """p(yes) that `image` shows `prompt`."""
+        job = self._submit("judge", prompt, image, params, idempotency_key)
+        return job._wait_abandoning(timeout, None)  # type: ignore[return-value]
+
+    # ---- jobs ----
+    def submit_refine(
+        self, image: Any, prompt: str, *, idempotency_key: str | None = None, **params: Any
+    ) -> Job:
+        """Queue a refine and return its Job at once."""
+        return self._submit("refine", prompt, image, params, idempotency_key)
+
+    def submit_generate(self, prompt: str, *, idempotency_key: str | None = None, **params: Any) -> Job:
+        return self._submit("generate", prompt, None, params, idempotency_key)
+
+    def job(self, job_id: str, kind: str = "") -> Job:
+        """A handle on an existing job (e.g. submitted by another process)."""
+        return Job(self, job_id, kind)
+
+    def _submit(self, kind: str, prompt: str, image: Any, params: dict[str, Any], key: str | None) -> Job:
+        # One key for every try of this call: the server hands a retry the job the first try made.
+        request = proto.submit_request(kind, prompt, image, params, key or proto.new_idempotency_key())
+        resp = self._send("POST", **request)
+        view = resp.json()
+        return Job(self, view["id"], view.get("kind", kind), view)
+
+    # ---- transport ----
+    def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        stream: bool = False,
+        headers: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """One request under the retry policy; error answers raise their exception class."""
+        url, headers = self.base_url + url, {**self._headers, **(headers or {})}
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                resp = self._http.send(
+                    self._http.build_request(method, url, headers=headers, **kwargs), stream=stream
+                )
+            except httpx.TransportError as exc:
+                delay = self.retry.delay(attempt, time.monotonic() - started)
+                if delay is None:
+                    raise ConnectionFailed(
+                        f"{method} {url}: {type(exc).__name__}: {exc}", code="connection_error"
+                    ) from exc
+                time.sleep(delay)
+                continue
+            if resp.status_code < 400:
+                return resp
+            resp.read()
+            resp.close()
+            if resp.status_code in self.retry.retry_statuses:
+                hint = proto.error_from_response(resp.status_code, resp.content, resp.headers).retry_after
+                delay = self.retry.delay(attempt, time.monotonic() - started, hint)
+                if delay is not None:
+                    time.sleep(delay)
+                    continue
+            proto.raise_for_error(resp)
+
+
+class Job:
+    """A submitted job. Methods talk to the server each time (no cached state besides `id`)."""
+
+    def __init__(self, client: Client, job_id: str, kind: str = "", view: dict[str, Any] | None = None):
+        self.client = client
+        self.id = job_id
+        self.kind = kind
+        self.submitted = JobStatus(view) if view else None
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id!r}, kind={self.kind!r})"
+
+    def status(self) -> JobStatus:
+        return proto.job_status(self.client._send("GET", f"/v1/jobs/{self.id}"))
+
+    def cancel(self) -> JobStatus:
+        """Cancel: a queued job never runs, a running one stops at its next step boundary."""
+        return proto.job_status(self.client._send("DELETE", f"/v1/jobs/{self.id}"))
+
+    def events(self, last_event_id: str | None = None) -> Iterator[Event]:
+        """The job's events from the start (or after `last_event_id`) to its terminal one. A dropped
+        connection, or a stream the server ends early (drain), is resumed with `Last-Event-ID`: no
+        event is repeated or lost."""
+        for event in self._events(last_event_id):
+            if event is not None:
+                yield event
+
+    def _events(self, last_event_id: str | None) -> Iterator[Event | None]:
+        """`events`, plus None at each keep-alive so waiters can check their clock."""
+        decoder = SSEDecoder(last_event_id)
+        policy = self.client.retry
+        outage_started, failures = time.monotonic(), 0
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if decoder.last_id:
+                headers["Last-Event-ID"] = decoder.last_id
+            cause: Exception | None = None
+            try:
+                resp = self.client._send("GET", f"/v1/jobs/{self.id}/events", headers=headers, stream=True)
+                try:
+                    for line in resp.iter_lines():
+                        event = decoder.feed(line)
+                        if event is None:
+                            if line.startswith(":"):
+                                yield None
+                            continue
+                        outage_started, failures = time.monotonic(), 0
+                        yield event
+                        if event.terminal:
+                            return
+                finally:
+                    resp.close()
+            except httpx.TransportError as exc:
+                cause = exc
+            # Dropped, or closed by the server before the end: resume after the last event seen.
+            decoder.restart()
+            failures += 1
+            hint = decoder.retry_ms / 1000 if decoder.retry_ms is not None else None
+            delay = policy.delay(failures, time.monotonic() - outage_started, hint)
+            if delay is None:
+                raise ConnectionFailed(
+                    f"the event stream of job {self.id} kept failing ({cause!r})",
+                    code="connection_error",
+                    job_id=self.id,
+                ) from cause
+            time.sleep(delay)
+
+    def result(
+        self, timeout: float | None = None, on_progress: ProgressCallback | None = None
+    ) -> Result | JudgeResult:
+        """Wait for the job to end (following its events) and return its result; a failed or cancelled
+        job raises JobFailed / JobCancelled, a passed `timeout` WaitTimeout (the job goes on)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with contextlib.closing(self._events(None)) as events:
+            for event in events:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise WaitTimeout(
+                        f"job {self.id} did not finish within {timeout:g} s", code="timeout", job_id=self.id
+                    )
+                if event is None:
+                    continue
+                if event.type == "completed":
+                    break
+                if isinstance(event, FailedEvent):
+                    raise job_error(event.code, event.message, self.id)
+                if event.type == "cancelled":
+                    raise job_error("cancelled", "the job was cancelled", self.id)
+                if on_progress is not None:
+                    on_progress(event)
+        resp = self.client._send("GET", f"/v1/jobs/{self.id}/result")
+        view = self.status().raw
+        return proto.make_result(self.kind or view.get("kind", ""), self.id, resp, view)
+
+    def _wait_abandoning(self, timeout: float | None, on_progress: ProgressCallback | None) -> Any:
+        """`result()` for the waiting calls: a caller who gives up (timeout, interrupt, lost server)
+        cancels the job, since nobody else waits for it."""
+        try:
+            return self.result(timeout, on_progress)
+        except BaseException as exc:
+            if not isinstance(exc, RvrError) or isinstance(exc, (WaitTimeout, ConnectionFailed)):
+                self._cancel_quietly()
+            raise
+
+    def _cancel_quietly(self) -> None:
+        try:
+            url = f"{self.client.base_url}/v1/jobs/{self.id}"
+            self.client._http.delete(url, headers=self.client._headers, timeout=5)
+        except Exception:
+            pass  # best effort: the job's deadline bounds it anyway
