@@ -85,7 +85,7 @@ def test_jobs_events_cancel(stack):
     asyncio.run(main())
 
 
-def test_a_waiting_call_that_times_out_cancels_its_job(stack):
+def test_a_waiting_call_whose_caller_leaves_cancels_its_job(stack):
     async def main():
         async with AsyncClient(stack.url, retry=FAST_RETRY) as rvr:
             prompt = f"abandoned {uuid.uuid4().hex}"

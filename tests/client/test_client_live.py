@@ -26,6 +26,7 @@ from rvr_client import (
     RetryPolicy,
     StartedEvent,
     Unauthorized,
+    WaitTimeout,
 )
 
 from tests.client.client_testutil import CuttingProxy
@@ -153,6 +154,18 @@ def test_cancel_and_errors(rvr, stack):
     with pytest.raises(NotFound) as exc:
         rvr.job("doesnotexist").status()
     assert exc.value.status == 404 and exc.value.code == "not_found"
+
+
+def test_a_waiting_call_past_its_timeout_cancels_its_job_but_job_result_does_not(rvr):
+    with pytest.raises(WaitTimeout) as exc:
+        rvr.generate("too slow", steps=LONG, timeout=0.5)
+    assert exc.value.job_id and exc.value.code == "timeout"
+    wait_until(lambda: rvr.job(exc.value.job_id).status().status == "cancelled", 30, what="cancelled")
+    job = rvr.submit_generate("too slow", steps=LONG)
+    with pytest.raises(WaitTimeout):
+        job.result(timeout=0.5)
+    assert job.status().status in ("queued", "running")  # the caller still holds the job
+    job.cancel()
 
 
 def test_a_queue_timeout_is_a_job_failure(make_stack):
