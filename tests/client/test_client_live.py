@@ -123,6 +123,9 @@ def test_generate_judge_and_per_round_scores(rvr):
     assert 0.0 <= j.score <= 1.0 and j.view["kind"] == "judge"
     r = rvr.refine(g.content, "a blue cup", steps=3, rounds=3, until_score=0.0)
     assert len(r.scores) == 1 and r.score == pytest.approx(r.view["score"]) and r.rounds == 1
+    never = rvr.refine(g.content, "a blue cup", steps=3, rounds=3, until_score=1.0)  # p(yes) < 1: every round
+    assert len(never.scores) == 3 and never.score == never.scores[-1] and never.rounds == 3
+    assert all(0.0 <= x < 1.0 for x in never.scores)
 
 
 def test_submit_status_events_result(rvr):

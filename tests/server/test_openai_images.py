@@ -67,12 +67,12 @@ def test_edit_with_size_format_and_a_file_object(oai, tmp_path):
             response_format="b64_json",
             n=1,
             user="end-user-7",
-            extra_body={"steps": 3, "rounds": 2, "until_score": 0.0},
+            extra_body={"steps": 3, "rounds": 2, "until_score": 1.0},  # p(yes) < 1: both rounds run
         )
     img = _decode(out.data[0])
     assert img.format == "JPEG" and img.size == (96, 64) and out.size == "96x64"
     rvr = out.model_extra["rvr"]
-    assert 0.0 <= rvr["score"] <= 1.0 and rvr["scores"] == [rvr["score"]]
+    assert len(rvr["scores"]) == 2 and rvr["score"] == rvr["scores"][-1]
 
 
 def test_generate_runs_text_to_image(oai):
