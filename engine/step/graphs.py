@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -81,35 +82,80 @@ class CudaGraphCapture:
         return graph.replay
 
 
-class StepGraph:
-    """Static buffers and captured pieces of the denoising step of one bucket and one weight set."""
+@dataclass
+class StepBuffers:
+    """The float buffers the pieces read and write. One set per denoiser, sized for its largest bucket; each
+    bucket (of each weight set) uses prefix views (buckets replay one at a time, and every replay writes a buffer's rows
+    before it reads them)."""
 
-    def __init__(self, model: Bagel, marker_ids: torch.Tensor, bucket: GraphBucket) -> None:
-        cfg = model.config
-        device, dtype = marker_ids.device, model.vae2llm.weight.dtype
-        hq, hkv, hd = cfg.llm.num_attention_heads, cfg.llm.num_key_value_heads, cfg.llm.head_dim
+    x: torch.Tensor  # (G, C) float32 latents per gen row
+    t: torch.Tensor  # (G,) float32 flow time per gen row
+    cos: torch.Tensor  # (T, 1, D) float32
+    sin: torch.Tensor
+    h_und: torch.Tensor  # (U, hidden) residual stream of the marker rows
+    h_gen: torch.Tensor  # (G, hidden) residual stream of the latent rows
+    q: torch.Tensor  # (T, Hq, D) in sequence order
+    k: torch.Tensor  # (T, Hkv, D)
+    v: torch.Tensor
+    o: torch.Tensor  # (T, Hq, D) attention output
+    velocity: torch.Tensor  # (G, C) float32
+
+    @classmethod
+    def allocate(cls, model: Bagel, und: int, gen: int, rows: int, device: torch.device) -> StepBuffers:
+        cfg, dtype = model.config, model.vae2llm.weight.dtype
+        hq, hkv, hd, hidden = (
+            cfg.llm.num_attention_heads,
+            cfg.llm.num_key_value_heads,
+            cfg.llm.head_dim,
+            cfg.llm.hidden_size,
+        )
+
+        def zeros(*shape, dt=torch.float32):
+            return torch.zeros(*shape, dtype=dt, device=device)
+
+        return cls(
+            x=zeros(gen, cfg.latent_channels),
+            t=zeros(gen),
+            cos=zeros(rows, 1, hd),
+            sin=zeros(rows, 1, hd),
+            h_und=zeros(und, hidden, dt=dtype),
+            h_gen=zeros(gen, hidden, dt=dtype),
+            q=zeros(rows, hq, hd, dt=dtype),
+            k=zeros(rows, hkv, hd, dt=dtype),
+            v=zeros(rows, hkv, hd, dt=dtype),
+            o=zeros(rows, hq, hd, dt=dtype),
+            velocity=zeros(gen, cfg.latent_channels),
+        )
+
+    def prefix(self, bucket: GraphBucket) -> StepBuffers:
+        u, g, t = bucket.und_rows, bucket.gen_rows, bucket.rows
+        sizes = {"x": g, "t": g, "cos": t, "sin": t, "h_und": u, "h_gen": g, "q": t, "k": t, "v": t, "o": t,
+                 "velocity": g}  # fmt: skip
+        return StepBuffers(**{name: getattr(self, name)[:n] for name, n in sizes.items()})
+
+
+class StepGraph:
+    """The captured pieces of the denoising step of one bucket and one weight set, over `buffers`."""
+
+    def __init__(
+        self, model: Bagel, marker_ids: torch.Tensor, bucket: GraphBucket, buffers: StepBuffers
+    ) -> None:
+        device = marker_ids.device
         u, g, t = bucket.und_rows, bucket.gen_rows, bucket.rows
         self.model, self.bucket = model, bucket
-        zeros = torch.zeros
-        self.x = zeros(g, cfg.latent_channels, device=device)  # (G, C) float32 latents per gen row
-        self.t = zeros(g, device=device)  # (G,) float32 flow time per gen row
-        self.latent_ids = zeros(g, dtype=torch.long, device=device)  # (G,)
-        self.positions = zeros(t, dtype=torch.long, device=device)  # (T,)
+        b = buffers.prefix(bucket)
+        self.x, self.t, self.cos, self.sin = b.x, b.t, b.cos, b.sin
+        self.h_und, self.h_gen, self.q, self.k, self.v, self.o = b.h_und, b.h_gen, b.q, b.k, b.v, b.o
+        self.velocity = b.velocity
+        # The batch composition (loaded when it changes): per bucket, small.
+        self.latent_ids = torch.zeros(g, dtype=torch.long, device=device)  # (G,)
+        self.positions = torch.zeros(t, dtype=torch.long, device=device)  # (T,)
         # Any valid permutation until a step loads its own: markers first, then latents.
         self.und_rows = torch.arange(u, device=device)
         self.gen_rows = torch.arange(u, t, device=device)
         self.routing = IndexRouting(self.und_rows, self.gen_rows)
         # (U, hidden): [<|vision_start|>, <|vision_end|>] per branch, the order of `und_rows`.
         self.markers = model.embed_tokens(marker_ids).repeat(bucket.branches, 1)
-        self.cos = zeros(t, 1, hd, device=device)
-        self.sin = zeros(t, 1, hd, device=device)
-        self.h_und = zeros(u, cfg.llm.hidden_size, dtype=dtype, device=device)
-        self.h_gen = zeros(g, cfg.llm.hidden_size, dtype=dtype, device=device)
-        self.q = zeros(t, hq, hd, dtype=dtype, device=device)
-        self.k = zeros(t, hkv, hd, dtype=dtype, device=device)
-        self.v = zeros(t, hkv, hd, dtype=dtype, device=device)
-        self.o = zeros(t, hq, hd, dtype=dtype, device=device)
-        self.velocity = zeros(g, cfg.latent_channels, device=device)  # (G, C) float32
         self.pieces: list[Callable[[], None]] = []
         self.loaded: tuple | None = None  # composition key of the padded step in the buffers
 
@@ -154,7 +200,7 @@ class StepGraph:
 
     def load(self, step: PaddedStep, key: tuple, plans: list[BranchPlan], latent_ids: torch.Tensor) -> None:
         """Write a step's inputs into the static buffers (composition tensors only when it changed)."""
-        if self.loaded != key:
+        if self.loaded != key:  # (x and t are written every step; they may hold another bucket's rows)
             self.positions.copy_(step.positions)
             self.und_rows.copy_(step.und_rows)
             self.gen_rows.copy_(step.gen_rows)
@@ -199,6 +245,8 @@ class GraphDenoiser:
         self.fallback = fallback
         self.max_padding = max_padding
         self.graphs: dict[tuple[str, GraphBucket], StepGraph] = {}
+        # One set for every bucket of every weight set: steps run one at a time (Engine.step is sequential).
+        self._buffers: StepBuffers | None = None
         self._steps: OrderedDict[tuple, tuple[PaddedStep, torch.Tensor]] = OrderedDict()
         self.replays = 0
         self.fallbacks = 0
@@ -206,10 +254,14 @@ class GraphDenoiser:
     def warm_up(self, weights: WeightSet) -> list[str]:
         """Capture every declared bucket for `weights` (idempotent); returns the labels captured now."""
         done = []
+        if self._buffers is None and self.buckets:
+            und, gen = max(b.und_rows for b in self.buckets), max(b.gen_rows for b in self.buckets)
+            self._buffers = StepBuffers.allocate(weights.model, und, gen, und + gen, self.marker_ids.device)
+        buffers = self._buffers
         for bucket in self.buckets:
             if (weights.name, bucket) in self.graphs:
                 continue
-            graph = StepGraph(weights.model, self.marker_ids, bucket)
+            graph = StepGraph(weights.model, self.marker_ids, bucket, buffers)
             graph.capture(self.recorder)
             self.graphs[(weights.name, bucket)] = graph
             log.info("captured the denoising step of %s for bucket %s", weights.name, bucket.label)
