@@ -5,7 +5,8 @@ keys unchanged), (2) runs the per-token elementwise work through the fused Trito
 (kernels/fused.py), (3) on CUDA with `attention="auto"`, picks kernel or SDPA per shape class of the
 denoising step by measurement (engine/attention_choice.py), and (4) on CUDA replays the denoising step
 from CUDA graphs for the declared buckets (engine/step/graphs.py; captured by `Engine.warm_up`). On the
-CPU only (1) and the fused ops' PyTorch formulas apply, so the engine computes what eager does.
+CPU only (1) applies (unless `fused_kernels=True` forces the fused ops' PyTorch formulas, for tests), so
+the engine computes what eager does.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ DEFAULT_GRAPH_BUCKETS = ("3x4096", "3x1024")
 
 class ExactBackend(Backend):
     """Options: `graph_buckets` ("BRANCHESxLATENT_ROWS" specs; empty: no CUDA graphs), `max_padding`
-    (largest fraction of padded latent rows a step may replay with), `fused_kernels`, `cuda_graphs`."""
+    (largest fraction of padded latent rows a step may replay with), `fused_kernels` (None: on CUDA only,
+    where they are Triton; elsewhere they would run the same PyTorch formulas with extra copies),
+    `cuda_graphs`."""
 
     name = "exact"
 
@@ -37,7 +40,7 @@ class ExactBackend(Backend):
         graph_buckets: Iterable[str] = DEFAULT_GRAPH_BUCKETS,
         *,
         max_padding: float = 0.25,
-        fused_kernels: bool = True,
+        fused_kernels: bool | None = None,
         cuda_graphs: bool = True,
     ) -> None:
         if not max_padding >= 0.0:  # also refuses NaN
@@ -50,11 +53,12 @@ class ExactBackend(Backend):
         return PYTORCH_CAPABILITIES
 
     def attach(self, engine: Engine) -> Denoiser:
+        cuda = engine.device.type == "cuda"
+        fused_ops = cuda if self.fused_kernels is None else self.fused_kernels
         for ws in engine.weight_sets.values():
             ws.model.llm.fuse_projections()
-            ws.model.llm.use_fused_ops(self.fused_kernels)
+            ws.model.llm.use_fused_ops(fused_ops)
         attention = engine._attention
-        cuda = engine.device.type == "cuda"
         if cuda and engine.attention_impl == "auto":
             candidates = {"kernel": kernel_attention, "sdpa": sdpa_attention}
             self.attention = MeasuredAttention(candidates, default="kernel", timer=cuda_timer())

@@ -94,11 +94,13 @@ def test_pre_attention_contract_survives_fusion(cfg):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_exact_engine_matches_eager_on_cpu(tiny_ckpt):
-    exact = load_engine(tiny_ckpt, device="cpu")
+@pytest.mark.parametrize("fused_kernels", [None, True], ids=["default", "fused-ops"])
+def test_exact_engine_matches_eager_on_cpu(tiny_ckpt, fused_kernels):
+    exact = load_engine(tiny_ckpt, device="cpu", backend_options={"fused_kernels": fused_kernels})
     eager = load_engine(tiny_ckpt, device="cpu", backend="eager")
     assert exact.backend.name == "exact" and eager.backend.name == "eager"
-    assert exact.weight_sets["rvr"].model.llm.fused_ops
+    assert exact.weight_sets["rvr"].model.llm.fused_ops == bool(fused_kernels)  # default: on CUDA only
+    assert hasattr(exact.weight_sets["rvr"].model.llm.layers[0].mlp, "gate_up_proj")
     img = np.random.RandomState(0).rand(48, 64, 3)
     from PIL import Image
 

@@ -89,7 +89,8 @@ class CountingReplay(EagerReplay):
 
 @pytest.fixture(scope="module")
 def engine(tiny_ckpt):
-    return load_engine(tiny_ckpt, device="cpu")
+    # The fused ops' formulas too (on CUDA they are the Triton kernels the pieces capture).
+    return load_engine(tiny_ckpt, device="cpu", backend_options={"fused_kernels": True})
 
 
 def _image(w, h, seed=0):
