@@ -1,6 +1,6 @@
 """Every engine mode side by side on one device: one RvR refine per size, random weights.
 
-    python -m bench.speed --out speed.json                                   # GPU: bagel-7b, 1024^2 x 50, 512^2 x 20
+    python -m bench.speed --out speed.json       # GPU: bagel-7b, 1024^2 x 50 and 512^2 x 20 steps
     python -m bench.speed --preset tiny --device cpu --sizes 64:4 --out s.json   # CPU smoke run
 
 Modes (one process, the same weights; all three CFG branches on every step, interval [0, 1]):
@@ -325,11 +325,12 @@ def print_table(rows: list[dict]) -> None:
         d = r.get("drift_vs_eager")
         dr = f"{d['max_abs']:.2e}/{d['mean_abs']:.2e}" if d else "-"
         ratio = r.get("total_vs_stock")
-        mem = r["peak_gpu_mem_gb"]
-        print(
-            f"{r['mode']:<7}{r['size']:>6}{r['prefill_s']:>11.3f}{r['step_s_median']:>9.4f}{r['vae_decode_s']:>10.3f}"
-            f"{r['total_s']:>9.2f}{(f'{ratio:.3f}' if ratio else '-'):>9}{(f'{mem:.1f}' if mem else '-'):>7}  {split:<17} {dr}"
+        ratio_s = f"{ratio:.3f}" if ratio else "-"
+        mem = f"{r['peak_gpu_mem_gb']:.1f}" if r["peak_gpu_mem_gb"] else "-"
+        times = (
+            f"{r['prefill_s']:>11.3f}{r['step_s_median']:>9.4f}{r['vae_decode_s']:>10.3f}{r['total_s']:>9.2f}"
         )
+        print(f"{r['mode']:<7}{r['size']:>6}{times}{ratio_s:>9}{mem:>7}  {split:<17} {dr}")
 
 
 if __name__ == "__main__":

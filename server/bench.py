@@ -308,8 +308,9 @@ def _sweep(args: argparse.Namespace) -> int:
             results.append(row)
             lat, ttfp = row["latency"], row["time_to_first_preview"]
             print(
-                f"{size}^2 x{steps} batch {b}: {row['jobs_per_min']} jobs/min, latency p50 {lat.get('p50_s')} "
-                f"p95 {lat.get('p95_s')} s, first preview p50 {ttfp.get('p50_s')} p95 {ttfp.get('p95_s')} s",
+                f"{size}^2 x{steps} batch {b}: {row['jobs_per_min']} jobs/min, "
+                f"latency p50 {lat.get('p50_s')} p95 {lat.get('p95_s')} s, "
+                f"first preview p50 {ttfp.get('p50_s')} p95 {ttfp.get('p95_s')} s",
                 file=sys.stderr,
             )
     import torch

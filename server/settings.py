@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     )
     engine_backend: Literal["exact", "eager", "inductor", "tensorrt"] = Field(
         "exact",
-        description="Engine backend: exact (fused kernels, CUDA graphs), eager (reference), inductor, tensorrt",
+        description="Engine backend: exact (fused kernels, CUDA graphs), eager (reference), inductor, "
+        "tensorrt",
     )
     attention: Literal["auto", "kernel", "reference", "sdpa"] = Field(
         "auto",

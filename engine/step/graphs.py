@@ -85,9 +85,9 @@ class CudaGraphCapture:
 
 @dataclass
 class StepBuffers:
-    """The float buffers the pieces read and write. One set per denoiser, sized for its largest bucket; each
-    bucket (of each weight set) uses prefix views (buckets replay one at a time, and every replay writes a buffer's rows
-    before it reads them)."""
+    """The float buffers the pieces read and write. One set per denoiser, sized for its largest bucket;
+    each bucket of each weight set uses prefix views (buckets replay one at a time, and every replay
+    writes a buffer's rows before it reads them)."""
 
     x: torch.Tensor  # (G, C) float32 latents per gen row
     t: torch.Tensor  # (G,) float32 flow time per gen row
