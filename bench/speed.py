@@ -201,6 +201,17 @@ def measure_mode(mode: Mode, sizes, args, device, timer) -> dict[str, dict]:
                 mode, request(size, steps, args.seed, mode.request_fields), args.profile_steps, device
             ),
         }
+        fallback = getattr(mode.engine.denoiser, "fallback", None)
+        if fallback is not None and args.profile_steps > 0:
+            # The same kernels without graph replay: the split stays readable should the profiler not see
+            # kernels launched inside CUDA graphs (compare total_ms_per_step with the step time).
+            graphs, mode.engine._denoiser = mode.engine._denoiser, fallback
+            try:
+                row["time_share_without_graphs"] = profile_steps(
+                    mode, request(size, steps, args.seed, mode.request_fields), args.profile_steps, device
+                )
+            finally:
+                mode.engine._denoiser = graphs
         row["final"] = r["final"]
         results[str(size)] = row
     results["_warm_up"] = warm
