@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -24,37 +23,8 @@ from PIL import Image
 
 from engine.core import Engine
 from engine.loading import resolve_device, resolve_dtype
-from engine.model.bagel import Bagel
-from engine.model.heads import PositionEmbedding, sincos_2d_table
-from engine.model.llm import RMSNorm, RotaryEmbedding
-from engine.model.vae import AutoEncoder
-from engine.tiny import preset
-from engine.tokenizer import Tokenizer, write_tiny_tokenizer
+from engine.tiny import random_weights
 from engine.types import GenerationRequest, SamplingParams
-
-
-def random_module(cls, cfg, device, dtype):
-    """Build on the meta device, then materialise with N(0, 0.02) weights (fast even for 14B params)."""
-    with torch.device("meta"):
-        m = cls(cfg)
-    m = m.to_empty(device=device)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, PositionEmbedding):
-                mod.pos_embed.copy_(sincos_2d_table(mod.grid, mod.pos_embed.shape[1]))
-            elif isinstance(mod, RMSNorm | torch.nn.LayerNorm | torch.nn.GroupNorm):
-                mod.weight.fill_(1.0)
-                if getattr(mod, "bias", None) is not None:
-                    mod.bias.zero_()
-            else:
-                for name, p in mod.named_parameters(recurse=False):
-                    p.normal_(0, 0.02) if name == "weight" else p.zero_()
-        for mod in m.modules():
-            if isinstance(mod, RotaryEmbedding):
-                mod.inv_freq = RotaryEmbedding(mod.inv_freq.shape[0] * 2, cfg.llm.rope_theta).inv_freq.to(
-                    device
-                )
-    return m.to(dtype).eval()
 
 
 def sync(device: torch.device) -> None:
@@ -89,17 +59,10 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
-    tokdir = tempfile.mkdtemp()
-    write_tiny_tokenizer(tokdir)
-    tok = Tokenizer.from_dir(tokdir)
-    cfg = preset(args.preset) if args.preset == "bagel-7b" else preset(args.preset, vocab_size=1024)
     t0 = time.perf_counter()
-    model = random_module(Bagel, cfg, device, dtype)
-    vae = random_module(
-        lambda c: AutoEncoder(c.vae), cfg, device, dtype if device.type == "cuda" else torch.float32
-    )
+    w = random_weights(args.preset, device, dtype)
     build_s = time.perf_counter() - t0
-    engine = Engine(cfg, tok, {"rvr": model}, vae, device, dtype, attention=args.attention)
+    engine = Engine(w.cfg, w.tokenizer, {"rvr": w.model}, w.vae, device, dtype, attention=args.attention)
 
     rng = np.random.RandomState(0)
     image = Image.fromarray((rng.rand(args.size, args.size, 3) * 255).astype("uint8"))

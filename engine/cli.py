@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 COMMANDS = ("refine", "generate", "edit", "judge", "make-checkpoint")
+# engine.backends.BACKENDS, spelled out: that module imports torch.
+BACKEND_NAMES = ("exact", "eager", "inductor", "tensorrt")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -23,7 +25,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--weights", default="auto", choices=("auto", "both", "rvr", "ema"), help="weight files to load"
     )
     p.add_argument(
-        "--backend", default="eager", choices=("eager", "inductor", "tensorrt"), help="compile backend"
+        "--backend",
+        default="exact",
+        choices=BACKEND_NAMES,
+        help="engine backend (exact: the default fast path)",
     )
 
 

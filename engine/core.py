@@ -133,6 +133,7 @@ class Engine:
         self.cfg, self.tokenizer, self.vae = cfg, tokenizer, vae
         self.device, self.dtype = device, dtype
         self.limits = limits or RequestLimits()
+        self.attention_impl = attention
         self._attention = select_attention(attention, device)
         llm = cfg.llm
         self.weight_sets = {
@@ -191,6 +192,20 @@ class Engine:
         plan = plan_contexts(self._contexts(req))  # sizes only: no pixel work at admission
         h, w = req.height // self.cfg.latent_downsample, req.width // self.cfg.latent_downsample
         return plan.total_slots + len(BRANCHES) * (h * w + 2)
+
+    @torch.inference_mode()
+    def warm_up(self) -> dict[str, list[str]]:
+        """Prepare the backend's denoiser for serving (CUDA-graph captures of the declared buckets); returns
+        what was prepared per weight set. A no-op for denoisers without a warm-up."""
+        warm = getattr(self._denoiser, "warm_up", None)
+        if warm is None:
+            return {}
+        return {name: warm(ws) for name, ws in self.weight_sets.items()}
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """What `step` runs the planned branches through (the backend's choice)."""
+        return self._denoiser
 
     # ------------------------------------------------------------------ step API
 

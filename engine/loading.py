@@ -78,14 +78,16 @@ def load_engine(
     kv_capacity: int | None = None,
     limits: RequestLimits | None = None,
     cache_dir: str | Path | None = None,
-    backend: str = "eager",
+    backend: str = "exact",
     backend_options: dict | None = None,
 ) -> Engine:
     """Load a checkpoint directory into an `Engine`.
 
     `weights`: `auto`/`both` keep every weight file resident (refine uses rvr, the rest ema);
-    `rvr` or `ema` loads one file and uses it for every task. `backend`: `eager` (default),
-    `inductor` (torch.compile of the per-token blocks) or `tensorrt` (needs TensorRT installed).
+    `rvr` or `ema` loads one file and uses it for every task. `backend`: `exact` (default: eager's
+    computation with concatenated projections, fused kernels, measured attention and CUDA graphs on a GPU),
+    `eager` (the reference), `inductor` (torch.compile of the per-token blocks) or `tensorrt` (needs
+    TensorRT installed).
 
         >>> engine = load_engine("models/RvR-7B-MoT", device="cuda")          # doctest: +SKIP
         >>> out = engine.refine(image, "two red apples on a table", seed=42)  # doctest: +SKIP

@@ -1,11 +1,15 @@
-"""Random checkpoints of any size in the official on-disk format (`rvr make-checkpoint`).
+"""Random checkpoints of any size in the official on-disk format (`rvr make-checkpoint`), and random
+in-memory weights for benchmarks.
 
 Every test builds one of these and goes through the real loader; presets also describe the real
-BAGEL-7B-MoT shapes for GPU benchmarks with random weights.
+BAGEL-7B-MoT shapes for GPU benchmarks with random weights (`random_weights`: no file, built on the
+device in seconds even for 14B parameters).
 """
 
 from __future__ import annotations
 
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,6 +17,8 @@ import torch
 from engine.checkpoint import save_checkpoint
 from engine.config import BagelConfig, ImageTransform, LLMConfig, VAEConfig, ViTConfig
 from engine.model.bagel import Bagel
+from engine.model.heads import PositionEmbedding, sincos_2d_table
+from engine.model.llm import RMSNorm, RotaryEmbedding
 from engine.model.vae import AutoEncoder
 from engine.tokenizer import Tokenizer, write_tiny_tokenizer
 
@@ -100,3 +106,52 @@ def make_checkpoint(
             vae = AutoEncoder(cfg.vae)  # drawn after the first weight set, shared by all
     save_checkpoint(out, cfg, states, vae.state_dict(), dtype=dtype)
     return out
+
+
+def random_module(build, cfg: BagelConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """`build(cfg)` on the meta device, materialised on `device` with N(0, 0.02) weights (norms 1, biases 0,
+    the frozen sin-cos tables and RoPE frequencies exact), cast to `dtype`. Draws from torch's global RNG."""
+    with torch.device("meta"):
+        m = build(cfg)
+    m = m.to_empty(device=device)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, PositionEmbedding):
+                mod.pos_embed.copy_(sincos_2d_table(mod.grid, mod.pos_embed.shape[1]))
+            elif isinstance(mod, RMSNorm | torch.nn.LayerNorm | torch.nn.GroupNorm):
+                mod.weight.fill_(1.0)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.zero_()
+            else:
+                for name, p in mod.named_parameters(recurse=False):
+                    p.normal_(0, 0.02) if name == "weight" else p.zero_()
+        for mod in m.modules():
+            if isinstance(mod, RotaryEmbedding):
+                fresh = RotaryEmbedding(mod.inv_freq.shape[0] * 2, cfg.llm.rope_theta)
+                mod.inv_freq = fresh.inv_freq.to(device)
+    return m.to(dtype).eval()
+
+
+@dataclass
+class RandomWeights:
+    """Everything an `Engine` is built from, with random weights: config, tokenizer, one Bagel, the VAE."""
+
+    cfg: BagelConfig
+    tokenizer: Tokenizer
+    model: Bagel
+    vae: AutoEncoder
+
+
+def random_weights(
+    preset_name: str, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> RandomWeights:
+    """A preset's shapes with random weights on `device` (the VAE in float32 off CUDA, like the loader)."""
+    tokdir = tempfile.mkdtemp(prefix="rvr-random-tok-")
+    write_tiny_tokenizer(tokdir)
+    tok = Tokenizer.from_dir(tokdir)
+    cfg = preset(preset_name) if preset_name == "bagel-7b" else preset(preset_name, vocab_size=1024)
+    torch.manual_seed(seed)
+    model = random_module(Bagel, cfg, device, dtype)
+    vae_dtype = dtype if device.type == "cuda" else torch.float32
+    vae = random_module(lambda c: AutoEncoder(c.vae), cfg, device, vae_dtype)
+    return RandomWeights(cfg, tok, model, vae)

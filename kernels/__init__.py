@@ -4,6 +4,9 @@
 sequence's keys plus a (possibly shared) range of a KV cache: causal text, bidirectional image blocks
 and CFG denoising branches in one launch. On CUDA it runs a Triton kernel; on CPU the PyTorch
 reference (or the interpreted kernel under TRITON_INTERPRET=1). Triton is imported lazily.
+
+`kernels.fused` holds the decoder layer's fused elementwise ops (RMSNorm, residual + RMSNorm, QK-norm +
+RoPE, SiLU-mul), Triton on CUDA with their PyTorch definitions in `kernels.fused_reference`.
 """
 
 from kernels.attention import attention_with_layout, mixed_attention, triton_available

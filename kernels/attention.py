@@ -96,8 +96,11 @@ def attention_with_layout(
     layout: AttentionLayout,
     scale: float | None = None,
     return_lse: bool = False,
+    out: torch.Tensor | None = None,
 ):
-    """`mixed_attention` with the index tensors of a validated `build_layout` result (no device sync)."""
+    """`mixed_attention` with the index tensors of a validated `build_layout` result (no device sync).
+
+    `out` (Tq, Hq, D) in q's dtype, if given, receives the result (the kernel writes it in place)."""
     if not isinstance(layout, AttentionLayout):
         raise ValueError(f"layout must be an AttentionLayout, got {type(layout).__name__}")
     if isinstance(q, torch.Tensor) and q.dim() >= 1 and q.shape[0] != layout.total_q:
@@ -107,10 +110,20 @@ def attention_with_layout(
         raise ValueError(
             f"k_cache has {k_cache.shape[0]} rows but the layout's cache ranges reach row {layout.max_cache_end}"
         )
+    if out is not None and (
+        out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1
+    ):
+        raise ValueError(
+            f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, unit stride in D"
+        )
     args = (q, k, v, k_cache, v_cache, *layout.indices)
     if _use_kernel(q):
         impl = _triton_impl()
         block_m = impl.default_block_m(q.shape[-1], layout.max_seqlen_q)
         tiles = layout.tile_table(block_m)
-        return impl.mixed_attention_triton(*args, scale, return_lse, tiles=tiles, block_m=block_m)
-    return mixed_attention_reference(*args, scale, return_lse, check=False)
+        return impl.mixed_attention_triton(*args, scale, return_lse, tiles=tiles, block_m=block_m, out=out)
+    res = mixed_attention_reference(*args, scale, return_lse, check=False)
+    if out is None:
+        return res
+    out.copy_(res[0] if return_lse else res)
+    return (out, res[1]) if return_lse else out

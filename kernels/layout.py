@@ -99,6 +99,10 @@ class AttentionLayout:
     num_seqs: int
     max_cache_end: int  # k_cache must have at least this many rows
     visible_pairs: int  # sum over rows of (cache_len + kv_end): query-key pairs per head that are computed
+    # Host copies of the per-sequence index tensors: (cu_seqlens_q, cache_start, cache_len) as int tuples,
+    # for callers that slice per sequence without a device sync.
+    host: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] = field(default=((0,), (), ()), repr=False)
+    full_blocks: bool = False  # every row sees its whole sequence and cache range (no mask anywhere)
     _tiles: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -151,6 +155,8 @@ def build_layout(seqs: Sequence[SequenceSpec], device: torch.device | str | None
         num_seqs=b,
         max_cache_end=max_cache_end,
         visible_pairs=visible,
+        host=(tuple(cu), tuple(starts), tuple(lens)),
+        full_blocks=all(len(s.segments) == 1 and not s.segments[0].causal for s in seqs),
     )
 
 

@@ -1,7 +1,16 @@
-"""Serving benchmark: API overhead per request, jobs/s through each queue backend, submit-to-first-preview.
+"""Serving benchmark: API overhead per request, jobs/s through each queue backend, submit-to-first-preview;
+and (`--sweep`) refine throughput through the real worker per `max_batch_jobs`.
 
     python -m server.bench                          # tiny random model, both backends, JSON on stdout
     python -m server.bench --model /ckpt --device cuda --backend redis --redis-url redis://host:6379/0
+    python -m server.bench --sweep --preset bagel-7b --device cuda --sizes 512:20,1024:10 --batch 1,4,8
+    python -m server.bench --sweep --preset tiny --sizes 64:4 --batch 1,2 --sweep-jobs 4   # CPU smoke
+
+The sweep submits `--sweep-jobs` refines at once (all clients waiting on their SSE streams, `preview_every`
+1) to the in-process queue and worker, for every size and every `max_batch_jobs`, and reports jobs per
+minute, submit-to-completed latency (p50 / p95) and time to first preview (p50 / p95). `--preset` builds
+the engine from random weights (no checkpoint on disk); its exact backend captures CUDA graphs for the
+steady batches (3 x jobs branches of each size).
 
 Everything runs through real HTTP (uvicorn on a local port). The worker runs on a thread of this
 process (in-process backend: the app's own worker; Redis: one `Worker` on the Redis queue), so the
@@ -56,6 +65,12 @@ def _pct(xs: list[float], q: float) -> float:
 
 def _ms(xs: list[float]) -> dict[str, float]:
     return {"p50_ms": round(_pct(xs, 50) * 1000, 3), "p99_ms": round(_pct(xs, 99) * 1000, 3), "n": len(xs)}
+
+
+def _s(xs: list[float]) -> dict[str, float]:
+    if not xs:
+        return {"n": 0}
+    return {"p50_s": round(_pct(xs, 50), 3), "p95_s": round(_pct(xs, 95), 3), "n": len(xs)}
 
 
 @contextlib.contextmanager
@@ -179,6 +194,157 @@ def _first_preview(url: str, runs: int, steps: int) -> dict[str, Any]:
     return _ms(times)
 
 
+def _png_b64(size: int, seed: int) -> str:
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    buf = io.BytesIO()
+    Image.fromarray((rng.rand(size, size, 3) * 255).astype("uint8")).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _refine_jobs(url: str, jobs: int, size: int, steps: int) -> dict[str, Any]:
+    """`jobs` refines submitted at once, each client on its job's SSE stream: latency and first preview."""
+    image = _png_b64(size, 0)
+
+    def one(i: int) -> tuple[float, float | None]:
+        body = {"image": image, "prompt": f"refine job {i}", "steps": steps, "seed": i, "preview_every": 1}
+        first = None
+        with httpx.Client(base_url=url, timeout=1800) as c:
+            t0 = time.perf_counter()
+            with c.stream("POST", "/v1/refine", json=body, headers={"Accept": "text/event-stream"}) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(f"refine answered {r.status_code}: {r.read()[:200]!r}")
+                for line in r.iter_lines():
+                    if line == "event: preview" and first is None:
+                        first = time.perf_counter() - t0
+                    elif line in ("event: failed", "event: cancelled"):
+                        raise RuntimeError(f"job {i} ended with {line}")
+                    elif line == "event: completed":
+                        return time.perf_counter() - t0, first
+        raise RuntimeError(f"job {i}: stream ended before completion")
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(jobs) as pool:
+        done = list(pool.map(one, range(jobs)))
+    wall = time.perf_counter() - t0
+    return {
+        "jobs": jobs,
+        "wall_s": round(wall, 3),
+        "jobs_per_min": round(jobs / wall * 60, 2),
+        "latency": _s([lat for lat, _ in done]),
+        "time_to_first_preview": _s([f for _, f in done if f is not None]),
+    }
+
+
+def _sweep_engine(
+    args: argparse.Namespace, sizes: list[tuple[int, int]], batches: list[int]
+) -> tuple[Any, str]:
+    """The engine the sweep serves: random weights of a preset (exact backend), or a checkpoint."""
+    from engine.checkpoint import read_config
+    from engine.loading import resolve_device, resolve_dtype
+    from engine.tiny import preset
+
+    device = resolve_device(args.device)
+    buckets: tuple[str, ...] = ()
+    if args.graph_buckets == "auto":
+        # Steady batches only: `b` jobs of one size, all three CFG branches.
+        down = (preset(args.preset) if args.preset else read_config(args.model)).latent_downsample
+        buckets = tuple(f"{3 * b}x{(size // down) ** 2}" for size, _ in sizes for b in batches)
+    elif args.graph_buckets != "none":
+        buckets = tuple(x for x in args.graph_buckets.split(",") if x)
+    options = {"graph_buckets": buckets}
+    if args.preset:
+        from engine.backends.exact import ExactBackend
+        from engine.core import Engine
+        from engine.tiny import random_weights
+
+        dtype = resolve_dtype(None, device)
+        w = random_weights(args.preset, device, dtype)
+        engine = Engine(
+            w.cfg, w.tokenizer, {"rvr": w.model}, w.vae, device, dtype, backend=ExactBackend(buckets)
+        )
+        return engine, f"random weights ({args.preset})"
+    from engine import load_engine
+
+    return load_engine(args.model, device=args.device, backend_options=options), str(args.model)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    sizes = [tuple(int(v) for v in x.split(":")) for x in args.sizes.split(",") if x]
+    batches = [int(b) for b in args.batch.split(",") if b]
+    jobs = args.sweep_jobs or max(batches)
+    engine, model = _sweep_engine(args, sizes, batches)
+    t0 = time.perf_counter()
+    warm = engine.warm_up()
+    warm_s = time.perf_counter() - t0
+    results: list[dict[str, Any]] = []
+    for size, steps in sizes:
+        first = True
+        for b in batches:
+            settings = Settings(
+                max_batch_jobs=b,
+                max_queue_depth=max(64, 2 * jobs),
+                queue_poll_ms=5,
+                drain_delay_s=0,
+                warmup=False,
+                max_output_side=max(2048, size),
+                key_prefix=f"bench{os.getpid()}",
+            )
+            with _stack(settings, engine) as url:
+                if first:  # untimed: autotuning, attention choices, allocator growth at this size
+                    _refine_jobs(url, min(jobs, max(batches)), size, 3)
+                    first = False
+                row = {
+                    "size": size,
+                    "steps": steps,
+                    "max_batch_jobs": b,
+                    **_refine_jobs(url, jobs, size, steps),
+                }
+            results.append(row)
+            lat, ttfp = row["latency"], row["time_to_first_preview"]
+            print(
+                f"{size}^2 x{steps} batch {b}: {row['jobs_per_min']} jobs/min, "
+                f"latency p50 {lat.get('p50_s')} p95 {lat.get('p95_s')} s, "
+                f"first preview p50 {ttfp.get('p50_s')} p95 {ttfp.get('p95_s')} s",
+                file=sys.stderr,
+            )
+    import torch
+
+    denoiser = engine.denoiser
+    report = {
+        "conditions": {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": str(engine.device),
+            "gpu": torch.cuda.get_device_name(0) if engine.device.type == "cuda" else None,
+            "torch": torch.__version__,
+            "model": model,
+            "backend": engine.backend.name,
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "queue": "in-process (memory), worker thread in this process, real HTTP + SSE",
+            "jobs_per_config": jobs,
+            "preview_every": 1,
+            "warm_up": warm,
+            "warm_up_s": round(warm_s, 3),
+        },
+        "results": results,
+        "graphs": {"replays": denoiser.replays, "fallbacks": denoiser.fallbacks}
+        if hasattr(denoiser, "replays")
+        else None,
+    }
+    text = json.dumps(report, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
 def _conditions(settings: Settings, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -215,7 +381,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-jobs", type=int, default=8)
     p.add_argument("--overhead-requests", type=int, default=300)
     p.add_argument("--preview-runs", type=int, default=5)
+    sweep = p.add_argument_group("throughput sweep (--sweep): refines through the in-process worker")
+    sweep.add_argument("--sweep", action="store_true", help="run the max_batch_jobs sweep instead")
+    sweep.add_argument(
+        "--preset", choices=("tiny", "small", "bagel-7b"), help="random weights, no checkpoint"
+    )
+    sweep.add_argument("--sizes", default="512:20,1024:10", help="SIZE:NUM_TIMESTEPS pairs")
+    sweep.add_argument("--batch", default="1,4,8", help="max_batch_jobs values")
+    sweep.add_argument("--graph-buckets", default="auto", help="auto, none, or BRANCHESxLATENT_ROWS list")
+    sweep.add_argument(
+        "--sweep-jobs", type=int, default=0, help="refines per config (default: largest batch)"
+    )
+    sweep.add_argument("--out", default=None, help="write the sweep's JSON here (default: stdout)")
     args = p.parse_args(argv)
+    if args.sweep:
+        if not args.model and not args.preset:
+            args.preset = "tiny"
+        return _sweep(args)
 
     from engine import load_engine, make_checkpoint
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import socket
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+_GRAPH_BUCKET = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 # Tokens a copied example would leave in place; refused at startup.
 _PLACEHOLDER_KEYS = {"changethis", "changeme", "secret", "password", "test", "example"}
 
@@ -29,11 +31,22 @@ class Settings(BaseSettings):
     weights: Literal["auto", "both", "rvr", "ema"] = Field(
         "auto", description="Weight files kept resident: auto/both (refine: rvr, others: ema), or one of them"
     )
-    engine_backend: Literal["eager", "inductor", "tensorrt"] = Field(
-        "eager", description="Engine compile backend (torch.compile: inductor; TensorRT: tensorrt)"
+    engine_backend: Literal["exact", "eager", "inductor", "tensorrt"] = Field(
+        "exact",
+        description="Engine backend: exact (fused kernels, CUDA graphs), eager (reference), inductor, "
+        "tensorrt",
     )
-    attention: Literal["auto", "kernel", "reference"] = Field(
-        "auto", description="LLM attention: auto (Triton kernel on CUDA), kernel, or the PyTorch reference"
+    attention: Literal["auto", "kernel", "reference", "sdpa"] = Field(
+        "auto",
+        description="LLM attention: auto (CUDA: kernel, or kernel vs SDPA measured per shape under exact), "
+        "kernel, reference, sdpa",
+    )
+    cuda_graph_buckets: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["3x4096", "3x1024"],
+        description="Exact backend: denoising-step CUDA graphs captured at warm-up, BRANCHESxLATENT_ROWS",
+    )
+    cuda_graph_max_padding: float = Field(
+        0.25, ge=0, description="Largest fraction of padded latent rows a step may replay a CUDA graph with"
     )
     kv_capacity_tokens: int | None = Field(
         None, ge=1, description="Fixed KV-pool size in tokens per weight set; unset: grows on demand"
@@ -108,7 +121,7 @@ class Settings(BaseSettings):
         default_factory=list, description="Plain API keys (compared by SHA-256 digest); prefer api_key_sha256"
     )
 
-    @field_validator("api_key_sha256", "api_keys", mode="before")
+    @field_validator("api_key_sha256", "api_keys", "cuda_graph_buckets", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         # Env vars and flags give "a,b"; pydantic-settings would want JSON.
@@ -127,6 +140,12 @@ class Settings(BaseSettings):
             raise ValueError("retry_after_min_s must not exceed retry_after_max_s")
         if self.queue_poll_ms / 1000 >= self.max_queue_wait_s:
             raise ValueError("queue_poll_ms must be below max_queue_wait_s")
+        for spec in self.cuda_graph_buckets:  # the engine parses them (engine/step/buckets.py); no torch here
+            m = _GRAPH_BUCKET.match(spec)
+            if m is None or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+                raise ValueError(
+                    f"cuda_graph_buckets entry {spec!r} is not BRANCHESxLATENT_ROWS (e.g. 3x4096)"
+                )
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         return self
@@ -149,7 +168,9 @@ def _flag(name: str) -> str:
 def _default_text(name: str) -> str:
     field = Settings.model_fields[name]
     if field.default_factory is not None:
-        return "hostname-pid" if name == "worker_name" else "[]"
+        if name == "worker_name":
+            return "hostname-pid"
+        return ",".join(field.default_factory()) or "[]"
     return "unset" if field.default is None else repr(field.default).strip("'")
 
 

@@ -82,6 +82,16 @@ class _Job:
         return self.delivery.msg.deadline
 
 
+def backend_options(settings: Settings) -> dict:
+    """The engine backend's options that come from settings (only the exact backend has any)."""
+    if settings.engine_backend != "exact":
+        return {}
+    return {
+        "graph_buckets": tuple(settings.cuda_graph_buckets),
+        "max_padding": settings.cuda_graph_max_padding,
+    }
+
+
 class _Ema:
     def __init__(self, alpha: float = 0.2) -> None:
         self.alpha, self.value = alpha, 0.0
@@ -132,6 +142,7 @@ class Worker:
                 weights=s.weights,
                 attention=s.attention,
                 backend=s.engine_backend,
+                backend_options=backend_options(s),
                 kv_capacity=s.kv_capacity_tokens,
                 limits=RequestLimits(max_prompt_tokens=s.max_prompt_tokens, max_rounds=s.max_rounds),
             )
@@ -141,6 +152,10 @@ class Worker:
 
     def _warmup(self) -> None:
         from engine.types import GenerationRequest, SamplingParams
+
+        warm_up = getattr(self.engine, "warm_up", None)
+        if warm_up is not None:  # CUDA-graph captures of the declared buckets (exact backend)
+            log.info("engine warm-up: %s", warm_up())
 
         params = SamplingParams.for_task("generate", steps=2)
         req = self.engine.validate(

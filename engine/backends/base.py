@@ -1,7 +1,9 @@
 """Backend interface, registry, shape buckets and artifact cache keys (compile-backends.md §3, §6.5, §7.1).
 
 A backend changes how an `Engine` runs its LLM forwards without changing what they compute; it comes in
-through the engine's constructor. `eager` is the reference, `inductor` compiles the per-token blocks, `tensorrt` builds engines from the exported
+through the engine's constructor. `exact` (the default) is eager's computation with concatenated
+projections, fused elementwise kernels, measured attention and CUDA-graph replay; `eager` is the
+reference, `inductor` compiles the per-token blocks, `tensorrt` builds engines from the exported
 `DenoiseStep`. Artifacts that outlive a process (TensorRT engines) live under an `ArtifactKey` directory:
 Torch-TensorRT's own engine cache keys on the graph and input specs only, not on the GPU or library
 versions (§3), so the service namespaces by device SM, library versions, model hash, precision and shape
@@ -74,6 +76,7 @@ class Backend(ABC):
 # ---------------------------------------------------------------------------------------------- registry
 
 _REGISTRY = {
+    "exact": ("engine.backends.exact", "ExactBackend"),
     "eager": ("engine.backends.eager", "EagerBackend"),
     "inductor": ("engine.backends.inductor", "InductorBackend"),
     "tensorrt": ("engine.backends.tensorrt", "TensorRTBackend"),

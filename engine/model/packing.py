@@ -67,6 +67,35 @@ class Routing:
 
 
 @dataclass(frozen=True)
+class IndexRouting:
+    """Expert routing by index tensors: the row positions (in sequence order) of the und rows and of the
+    gen rows. Same interface and values as `Routing`, but the row pattern lives in device tensors, so one
+    captured CUDA graph serves every batch with the same row counts (engine/step/graphs.py)."""
+
+    und_rows: torch.Tensor  # (Tu,) int64 positions in sequence order
+    gen_rows: torch.Tensor  # (Tg,) int64
+
+    @property
+    def num_und(self) -> int:
+        return self.und_rows.shape[0]
+
+    @property
+    def num_gen(self) -> int:
+        return self.gen_rows.shape[0]
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (T, ...) in sequence order -> (und rows, gen rows)."""
+        return x.index_select(0, self.und_rows), x.index_select(0, self.gen_rows)
+
+    def merge(self, und: torch.Tensor, gen: torch.Tensor) -> torch.Tensor:
+        """Inverse of `split`."""
+        out = und.new_empty((self.num_und + self.num_gen, *und.shape[1:]))
+        out.index_copy_(0, self.und_rows, und)
+        out.index_copy_(0, self.gen_rows, gen)
+        return out
+
+
+@dataclass(frozen=True)
 class CacheWrite:
     """Rows [row, row + n) of this forward persist in KV-pool slots [slot, slot + n)."""
 
@@ -80,7 +109,7 @@ class ForwardBatch:
     """Everything one packed LLM forward needs besides the input embeddings."""
 
     positions: torch.Tensor  # (T,) int64 RoPE position of every row
-    routing: Routing
+    routing: Routing | IndexRouting
     layout: AttentionLayout
     cache_writes: list[CacheWrite] = field(default_factory=list)
 

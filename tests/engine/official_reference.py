@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.model.bagel import Bagel
 from engine.preprocess import latent_position_ids, patchify_latent, patchify_vit, to_tensor
 from engine.prompts import REFINE_PROMPT, REFINE_SYSTEM_PROMPT
 from engine.requests import context_image
@@ -34,7 +35,12 @@ class Ctx:
 class Reference:
     def __init__(self, engine, weights: str) -> None:
         self.engine = engine
-        self.model = engine.weight_sets[weights].model
+        # The weights by their checkpoint names, in the official module layout (the engine's own modules
+        # may be restructured, e.g. concatenated projections).
+        served = engine.weight_sets[weights].model
+        self.model = Bagel(served.config).to(served.vae2llm.weight.dtype)
+        self.model.load_state_dict(served.state_dict())
+        self.model.eval()
         self.cfg = engine.cfg
         self.tok = engine.tokenizer
         c = self.cfg.llm

@@ -68,3 +68,14 @@ def test_sweep_smoke(tmp_path):
     assert ("prev", "autotuned") in kernels and ("current", "autotuned") in kernels
     assert all(r["ok"] and r["ms"] > 0 for r in data["results"]), data["results"]
     assert {b["method"] for b in data["baselines"]} == {"sdpa_dense"}
+
+
+def test_fused_bench_smoke(tmp_path):
+    """`python -m kernels.fused_bench --smoke`: every op timed and checked against its reference."""
+    out = tmp_path / "fused.json"
+    proc = _run("--smoke", "--out", str(out), tmp_path=tmp_path, module="kernels.fused_bench")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    assert {r["op"] for r in data["results"]} == {"rms_norm", "add_rms_norm", "qk_norm_rope", "silu_mul"}
+    for r in data["results"]:
+        assert r["fused_ms"] > 0 and r["reference_ms"] > 0 and r["fused_max_err"] == 0.0, r

@@ -53,3 +53,19 @@ def test_every_setting_is_a_flag_of_both_commands():
         args = parser.parse_args([cmd, "--max-batch-jobs", "3", "--model", "/m", "--device", "cpu"])
         s = settings_from_args(args)
         assert (s.max_batch_jobs, s.model, s.device) == (3, "/m", "cpu")
+
+
+def test_cuda_graph_buckets_setting(monkeypatch):
+    from server.worker import backend_options
+
+    assert Settings().cuda_graph_buckets == ["3x4096", "3x1024"]
+    monkeypatch.setenv("RVR_CUDA_GRAPH_BUCKETS", "3x4096, 12x1024")
+    s = Settings()
+    assert s.cuda_graph_buckets == ["3x4096", "12x1024"]
+    assert backend_options(s) == {"graph_buckets": ("3x4096", "12x1024"), "max_padding": 0.25}
+    assert backend_options(Settings(engine_backend="eager")) == {}
+    for bad in (["3by4096"], ["0x16"], ["3x"]):
+        with pytest.raises(ValueError, match="cuda_graph_buckets"):
+            Settings(cuda_graph_buckets=bad)
+    with pytest.raises(ValueError):
+        Settings(cuda_graph_max_padding=-0.1)

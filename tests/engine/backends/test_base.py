@@ -139,8 +139,14 @@ def test_model_hash_tracks_content_dtype_and_names():
 
 
 def test_registry():
-    assert BACKENDS == ("eager", "inductor", "tensorrt")
+    assert BACKENDS == ("exact", "eager", "inductor", "tensorrt")
     assert isinstance(get_backend("eager"), EagerBackend)
+    exact = get_backend("exact", graph_buckets=("3x4096", "6x1024"), max_padding=0.1)
+    assert [b.label for b in exact.buckets] == ["3x4096", "6x1024"] and exact.max_padding == 0.1
+    with pytest.raises(ValueError, match="BRANCHESxLATENT_ROWS"):
+        get_backend("exact", graph_buckets=("3by4096",))
+    with pytest.raises(ValueError, match="max_padding"):
+        get_backend("exact", max_padding=-1.0)
     ind = get_backend("inductor", mode="max-autotune-no-cudagraphs")
     assert isinstance(ind, InductorBackend)
     assert ind.compile_options() == {
