@@ -86,9 +86,11 @@ def test_page_is_served_with_a_strict_policy(url):
 
 
 def test_page_has_no_inline_code_and_only_local_references(url):
-    html = httpx.get(url + "/").text
-    refs = _parse(html)
+    r = httpx.get(url + "/")
+    assert r.status_code == 200
+    refs = _parse(r.text)
     assert not refs.inline_scripts, "inline script: the CSP would block it"
+    assert [a.get("src") for t, a in refs.tags if t == "script"] == ["/static/app.js"]
     for tag, attrs in refs.tags:
         assert "style" not in attrs, f"inline style on <{tag}>"
         assert not [k for k in attrs if k.startswith("on")], f"inline handler on <{tag}>"
