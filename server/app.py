@@ -15,7 +15,12 @@ from starlette.exceptions import HTTPException
 
 from server.errors import InvalidInput, ServeError, error_body
 from server.metrics import Metrics
-from server.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from server.middleware import (
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    SecurityHeadersMiddleware,
+)
 from server.queue import make_api_queue
 from server.queue.base import ApiQueue
 from server.runtime import Runtime
@@ -63,6 +68,8 @@ def create_app(
         '`{"error": {"code", "message"}}`; 503 means the service is full or draining (retry after '
         "`Retry-After`), 429 is reserved for per-client limits at the ingress.",
         lifespan=lifespan,
+        docs_url=None,  # server.web serves /docs and /redoc with local assets
+        redoc_url=None,
     )
     app.state.rt = rt
 
@@ -89,14 +96,18 @@ def create_app(
         log.exception("unhandled error on %s", request.url.path)
         return await _serve_error(request, ServeError("internal error"))
 
+    from server import web
     from server.routes import health, jobs, openai_images, submit
 
     app.include_router(health.router)
     app.include_router(submit.router)
     app.include_router(jobs.router)
     app.include_router(openai_images.router)
-    # Outermost first: metrics see every answer, auth runs before the body is read.
+    web.install(app, settings)
+    # The last added is outermost: security headers and metrics see every answer, auth runs before the
+    # body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(AuthMiddleware, digests=settings.key_digests())
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(SecurityHeadersMiddleware)
     return app

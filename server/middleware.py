@@ -107,3 +107,36 @@ class MetricsMiddleware:
             name = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(route=name, code=str(status)).inc()
             self.metrics.request_seconds.labels(route=name).observe(time.perf_counter() - t0)
+
+
+# Every answer: no MIME sniffing, no referrer, no framing. Routes that serve HTML set their own CSP
+# (server/web.py); everything else (JSON, images, SSE) may load nothing.
+_SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
+_DEFAULT_CSP = b"default-src 'none'; frame-ancestors 'none'"
+
+
+class SecurityHeadersMiddleware:
+    """Adds the headers above to every response, and the default CSP where a route set none."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def add_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {k.lower() for k, _ in headers}
+                headers += [(k, v) for k, v in _SECURITY_HEADERS if k not in names]
+                if b"content-security-policy" not in names:
+                    headers.append((b"content-security-policy", _DEFAULT_CSP))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return await self.app(scope, receive, add_headers)

@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     )
     worker_port: int = Field(9100, ge=0, le=65535, description="Port of a worker's /livez, /readyz, /metrics")
     warmup: bool = Field(True, description="Run one tiny job through the engine before reporting ready")
+    web_ui: bool = Field(True, description="Serve the web page at / (the API docs at /docs stay)")
 
     # Admission and deadlines.
     max_queue_depth: int = Field(64, ge=0, description="Jobs waiting for a worker before new ones get 503")
