@@ -1,4 +1,4 @@
-"""Compile backends for the engine (compile-backends.md §7): `eager` (reference), `inductor`
+"""Compile backends for the engine (docs/backends.md §2): `eager` (reference), `inductor`
 (torch.compile of the per-token blocks), `tensorrt` (optional; engines built from the exported
 `DenoiseStep`). A backend is given to the engine's constructor: `Engine(..., backend=get_backend(name))`,
 or `load_engine(dir, backend=name)`.
