@@ -126,10 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
     step_times, rows = [], []
     while not all(s.done for s in states):
         t = time.perf_counter()
-        engine.step(states)
+        stats = engine.step(states).stats
         sync(device)
         step_times.append(time.perf_counter() - t)
-        rows.append(engine.last_step.rows)
+        rows.append(stats.rows)
     t = time.perf_counter()
     outs = [engine.finish(s) for s in states]
     sync(device)

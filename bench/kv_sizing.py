@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from engine.batching import BRANCHES
 from engine.config import BagelConfig
 from engine.contexts import plan_contexts
+from engine.denoise import BRANCHES
 from engine.kvcache import KVPool
 from engine.requests import RequestLimits, context_token_counts, task_contexts, validate_request
 from engine.sampler import guidance_at, schedule
