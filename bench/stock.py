@@ -1,6 +1,6 @@
 """The baseline every speed ratio refers to: our model code run the way the released inferencer runs it.
 
-BAGEL's `InterleaveInferencer` (bagel-model.md §3; kernel-design.md §2.2) prefills each CFG context on its
+BAGEL's `InterleaveInferencer` (docs/model.md §4, docs/rvr.md §3) prefills each CFG context on its
 own (deep-copied contexts: no prefix sharing), one forward per text segment and per image block, and at
 each denoising step runs every CFG branch as its own forward over [the branch's cached K/V ++ the query
 block's K/V], concatenated per call. Attention here is `F.scaled_dot_product_attention` with its default

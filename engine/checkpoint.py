@@ -34,14 +34,55 @@ AE_FILE = "ae.safetensors"
 _VIT_LAYER = re.compile(r"^vit_model\.vision_model\.encoder\.layers\.(\d+)\.")
 
 
-def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+# Stored dtypes the loader converts exactly into any float target dtype (a quantized or integer tensor
+# cast to float would load silently as garbage).
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
+_TORCH_TO_SAFETENSORS = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """key -> (shape, safetensors dtype) from a file's header; no tensor data is read."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            out = {}
+            for k in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                view = f.get_slice(k)
+                out[k] = (tuple(view.get_shape()), view.get_dtype())
+            return out
     except FileNotFoundError:
         raise CheckpointError(f"missing file: {path}") from None
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+    except Exception as exc:  # safetensors raises its own error types for corrupt or truncated files
         raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+
+def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    return {k: shape for k, (shape, _) in read_header(path).items()}
+
+
+def dtype_problems(expected: dict[str, torch.dtype], stored: dict[str, str]) -> list[str]:
+    """Stored dtypes the loader cannot convert faithfully: non-float data for float parameters, or another
+    dtype for non-float buffers."""
+    problems = []
+    for k in sorted(set(expected) & set(stored)):
+        want = expected[k]
+        ok = stored[k] in FLOAT_DTYPES if want.is_floating_point else stored[k] == _TORCH_TO_SAFETENSORS[want]
+        if not ok:
+            need = "a float dtype (" + ", ".join(FLOAT_DTYPES) + ")" if want.is_floating_point else want
+            problems.append(f"dtype {stored[k]} for {k}: the model needs {need}")
+    if len(problems) > 12:
+        problems = [*problems[:12], f"... and {len(problems) - 12} more tensors with a wrong dtype"]
+    return problems
 
 
 def weight_files(model_dir: Path) -> dict[str, Path]:
@@ -78,9 +119,10 @@ def _ignorable(key: str, cfg: BagelConfig) -> bool:
     return bool(m) and int(m.group(1)) >= cfg.vit.layers_run
 
 
-def check_keys(
-    path: Path, expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]], cfg
-) -> None:
+def key_problems(
+    expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]], cfg: BagelConfig | None
+) -> list[str]:
+    """Missing, unexpected and wrongly shaped keys of a weight file, each kind as one short message."""
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(k for k in set(stored) - set(expected) if cfg is None or not _ignorable(k, cfg))
     wrong = sorted(k for k in set(expected) & set(stored) if tuple(expected[k]) != tuple(stored[k]))
@@ -95,6 +137,13 @@ def check_keys(
         )
     for k in wrong[:12]:
         problems.append(f"shape mismatch for {k}: file {stored[k]}, model {expected[k]}")
+    return problems
+
+
+def check_keys(
+    path: Path, expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]], cfg
+) -> None:
+    problems = key_problems(expected, stored, cfg)
     if problems:
         raise CheckpointError(f"{path}: " + "; ".join(problems))
 
@@ -109,8 +158,13 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
 
 
 def _load_into(model: nn.Module, path: Path, device: torch.device, dtype: torch.dtype, cfg) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(path, expected, read_shapes(path), cfg)
+    state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
+    header = read_header(path)
+    check_keys(path, expected, {k: shape for k, (shape, _) in header.items()}, cfg)
+    problems = dtype_problems({k: v.dtype for k, v in state.items()}, {k: d for k, (_, d) in header.items()})
+    if problems:
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
     with safe_open(str(path), framework="pt", device="cpu") as f:
         for key in expected:
             _assign(model, key, f.get_tensor(key).to(device=device, dtype=dtype))

@@ -1,4 +1,4 @@
-"""Engine commands of the `rvr` CLI: refine, generate, edit, judge, make-checkpoint.
+"""Engine commands of the `rvr` CLI: refine, generate, edit, judge, make-checkpoint, check-model.
 
 Importing this module imports only the standard library; torch loads when a command runs.
 Bad input (unreadable image, missing files, invalid sizes) exits 1 with one `rvr: error:` line.
@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-COMMANDS = ("refine", "generate", "edit", "judge", "make-checkpoint")
+COMMANDS = ("refine", "generate", "edit", "judge", "make-checkpoint", "check-model")
 # engine.backends.BACKENDS, spelled out: that module imports torch.
 BACKEND_NAMES = ("exact", "eager", "inductor", "tensorrt")
 
@@ -81,6 +81,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default="ema,rvr", help="comma-separated: ema, rvr")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+
+    p = subparsers.add_parser(
+        "check-model", help="verify a checkpoint directory (files, keys, shapes, dtypes, sha256); no GPU"
+    )
+    p.add_argument("model_dir", type=Path, metavar="DIR")
+    p.add_argument(
+        "--weights", default="auto", choices=("auto", "both", "rvr", "ema"), help="weight files to expect"
+    )
+    p.add_argument("--no-hash", action="store_true", help="skip the sha256 digests (they read every byte)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -232,12 +241,24 @@ def _make_checkpoint(args) -> int:
     return 0
 
 
+def _check_model(args) -> int:
+    from engine.model_check import check_model, format_report
+
+    report = check_model(args.model_dir, weights=args.weights, hashes=not args.no_hash)
+    for line in format_report(report):
+        print(line)
+    for problem in report.problems:
+        print(f"rvr: error: {problem}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
 _COMMANDS = {
     "refine": _refine,
     "generate": _generate,
     "edit": _edit,
     "judge": _judge,
     "make-checkpoint": _make_checkpoint,
+    "check-model": _check_model,
 }
 
 

@@ -47,7 +47,8 @@ def resize_dims(width: int, height: int, t: ImageTransform) -> tuple[int, int]:
     if width <= 0 or height <= 0:
         raise InvalidRequestError(f"image has no pixels ({width}x{height})")
     stride = t.stride
-    # Spec §5 steps 1-2: shrink the long edge to max_size (never enlarge), then enlarge the short edge up to min_size.
+    # docs/model.md §7 steps 1-2: shrink the long edge to max_size (never enlarge), then enlarge the short
+    # edge up to min_size.
     scale = min(t.max_size / max(width, height), 1.0)
     scale = max(scale, t.min_size / min(width, height))
     new_w, new_h = _apply_scale(width, height, scale, stride)

@@ -1,4 +1,4 @@
-"""Constant strings the released weights were trained and evaluated with (rvr.md §1.3)."""
+"""Constant strings the released weights were trained and evaluated with (docs/rvr.md §2)."""
 
 # Inference system prompt of the released RvR app and eval scripts (187 chars, sha256 prefix dbb330a2ae7ea6e9).
 REFINE_SYSTEM_PROMPT = (
@@ -16,5 +16,5 @@ REFINE_SYSTEM_PROMPT_TRAIN = (
 # User template, with its trailing space; the prompt is inserted verbatim.
 REFINE_PROMPT = "Here is the user's prompt: {user_prompt}. "
 
-# Yes/no alignment question for the judge (bagel-model.md §6.5).
+# Yes/no alignment question for the judge (docs/rvr.md §8).
 JUDGE_QUESTION = "Does this image show: {prompt}? Answer yes or no."

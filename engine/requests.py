@@ -1,4 +1,4 @@
-"""Request validation and the context segments each task builds (bagel-model.md §3.5, rvr.md §1.4)."""
+"""Request validation and the context segments each task builds (docs/rvr.md §3, §5)."""
 
 from __future__ import annotations
 

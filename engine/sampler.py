@@ -55,7 +55,7 @@ class Velocities:
 
 
 def combine(v: Velocities, guidance: StepGuidance, renorm: str, renorm_min: float) -> torch.Tensor:
-    """BAGEL's dual CFG with global / channel / text_channel renorm (bagel-model.md §3.4)."""
+    """BAGEL's dual CFG with global / channel / text_channel renorm (docs/sampler.md §4)."""
     if (guidance.use_text_branch and v.text is None) or (guidance.use_img_branch and v.img is None):
         raise ValueError("a velocity is missing for a CFG branch the step's guidance uses")
     if not guidance.use_text_branch:

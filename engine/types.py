@@ -35,7 +35,7 @@ class SamplingParams:
 
     @classmethod
     def for_task(cls, task: str, **overrides) -> SamplingParams:
-        """Released defaults: RvR refine and BAGEL edit (rvr.md §1.5), BAGEL notebook T2I (bagel-model.md §3.6)."""
+        """Released defaults: RvR refine, BAGEL edit, BAGEL notebook T2I (docs/rvr.md §4)."""
         base = TASK_DEFAULTS[task]
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -1,6 +1,6 @@
 """Upload checks: type allow-list by magic bytes, pixel cap from the header before decoding, re-encode.
 
-Order (serving-design §4): the byte cap is enforced by `server.limits` while the body streams; here
+Order (docs/serving.md §7): the byte cap is enforced by `server.limits` while the body streams; here
 a declared or sniffed type outside PNG/JPEG/WebP is 415, a header over the size caps is 400 (never
 decoded), an undecodable image is 422, and what passes is re-encoded to PNG without metadata.
 """

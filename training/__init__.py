@@ -7,7 +7,7 @@ World and data (no model dependency):
     dataset.py    paper-style dataset construction, record readers/writers (parquet, JSONL)
     editing.py    edit pairs (attributes fixed in place) and the checker-derived edit instruction
 
-Training (rvr.md §2):
+Training (docs/training.md §1):
     packing.py    samples as splits, packed with BAGEL's training mask
     forward.py    dense-mask SDPA forward of `Bagel`, MSE velocity + CE losses
     samples.py    records -> samples (rvr / t2i / und / edit) and the data mixture

@@ -5,10 +5,10 @@ without the prompt's constraints, and optionally samples of a model's own T2I st
 every candidate is labelled by the pixel-only checker, and exactly one misaligned and one aligned
 candidate are kept. The aligned image is an independent sample, never an edit of the misaligned one.
 
-Records use the release's columns (rvr.md §2.1): `image_list` = [misaligned, aligned] and `user_prompt`
-= [prompt], paths relative to the data root. Extra columns (`spec`, `labels`, `sources`) are ignored by
-the official reader. T2I records are `image_list` = [image], `user_prompt` = [prompt]; understanding
-records are LLaVA-style (`image`, `conversations`) as read by BAGEL's SFT reader, plus flat
+Records use the release's columns (docs/training.md §3): `image_list` = [misaligned, aligned] and
+`user_prompt` = [prompt], paths relative to the data root. Extra columns (`spec`, `labels`, `sources`) are
+ignored by the official reader. T2I records are `image_list` = [image], `user_prompt` = [prompt];
+understanding records are LLaVA-style (`image`, `conversations`) as read by BAGEL's SFT reader, plus flat
 `question`/`answer` columns.
 """
 

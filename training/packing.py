@@ -1,6 +1,6 @@
 """Training samples as splits, and their packing into one sequence with BAGEL's training attention mask.
 
-A sample is a list of splits (rvr.md §2.2, bagel-model.md §2.6):
+A sample is a list of splits (docs/training.md §2, docs/model.md §6):
 
 - text   `<|im_start|> ids <|im_end|>`, causal, one RoPE position per token, optional CE on its tokens;
 - vit    `<|vision_start|> ViT tokens <|vision_end|>`, full (bidirectional), one RoPE position, then +1;

@@ -1,4 +1,4 @@
-"""From records to training samples (rvr.md §2.2-2.3), and the data mixture.
+"""From records to training samples (docs/training.md §2), and the data mixture (docs/training.md §4).
 
 - rvr: [system prompt, causal][ViT of the misaligned image, full][templated prompt, causal]
        [noised aligned latents, noise, MSE]. No VAE tokens of the misaligned image, no CFG dropout

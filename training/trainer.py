@@ -1,4 +1,4 @@
-"""The RvR training loop (rvr.md §2.4): AdamW, warm-up, gradient clipping, EMA, resumable checkpoints.
+"""The RvR training loop (docs/training.md §5): AdamW, warm-up, clipping, EMA, resumable checkpoints.
 
 Checkpoints are engine checkpoint directories: configs, tokenizer, `ae.safetensors` and the EMA weights
 under the stage's file name (`ema.safetensors` for the base/T2I stage, `rvr.safetensors` for RvR), so a
@@ -52,7 +52,7 @@ RESUME_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True, strict=F
 
 @dataclass
 class TrainConfig:
-    """Defaults are the release's (rvr.md §2.4); small runs shorten warm-up and EMA."""
+    """Defaults are the release's (docs/training.md §5); small runs shorten warm-up and EMA."""
 
     steps: int = 1000
     lr: float = 1e-4
@@ -86,7 +86,7 @@ class TrainConfig:
     edit_text_dropout: float = 0.1  # edit samples: instruction dropped (cfg_text branch)
     edit_image_dropout: float = 0.1  # edit samples: both source images dropped (cfg_img branch)
     # "inference": the 187-char prompt the engine (and the released app) uses at refine time, so a model
-    # trained here matches serving; "train": the release's 157-char training variant (rvr.md §5.2).
+    # trained here matches serving; "train": the release's 157-char training variant (docs/rvr.md §2).
     system_prompt: str = "inference"
     # 7B-scale memory savers: recompute LLM layers in backward; run the forward under bfloat16 autocast
     # (weights, gradients, optimizer state and EMA stay float32)

@@ -1,4 +1,4 @@
-"""Compile backends for the engine (compile-backends.md §7): `exact` (the default: eager's computation with
+"""Compile backends for the engine (docs/backends.md §2): `exact` (the default: eager's computation with
 fused kernels and CUDA graphs), `eager` (reference), `inductor`
 (torch.compile of the per-token blocks), `tensorrt` (optional; engines built from the exported
 `DenoiseStep`). A backend is given to the engine's constructor: `Engine(..., backend=get_backend(name))`,

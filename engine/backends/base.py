@@ -1,4 +1,4 @@
-"""Backend interface, registry, shape buckets and artifact cache keys (compile-backends.md §3, §6.5, §7.1).
+"""Backend interface, registry, shape buckets and artifact cache keys (docs/backends.md §2, §3, §4).
 
 A backend changes how an `Engine` runs its LLM forwards without changing what they compute; it comes in
 through the engine's constructor. `exact` (the default) is eager's computation with concatenated
@@ -6,8 +6,8 @@ projections, fused elementwise kernels, measured attention and CUDA-graph replay
 reference, `inductor` compiles the per-token blocks, `tensorrt` builds engines from the exported
 `DenoiseStep`. Artifacts that outlive a process (TensorRT engines) live under an `ArtifactKey` directory:
 Torch-TensorRT's own engine cache keys on the graph and input specs only, not on the GPU or library
-versions (§3), so the service namespaces by device SM, library versions, model hash, precision and shape
-bucket itself.
+versions (docs/backends.md §3), so the service namespaces by device SM, library versions, model hash,
+precision and shape bucket itself.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class ShapeBucket:
     """One dynamic-shape profile: (min, opt, max) of latent tokens N and cached context tokens P.
 
     Kernels are tuned at `opt`, so a service builds one artifact per resolution bucket instead of one
-    wide range (§6.5).
+    wide range (docs/backends.md §4).
     """
 
     n: tuple[int, int, int]

@@ -1,10 +1,10 @@
-"""The exportable hot loop: one denoise step of ONE request for ONE CFG branch (compile-backends.md §1, §7).
+"""The exportable hot loop: one denoise step of ONE request for ONE CFG branch (docs/backends.md §1, §2).
 
 `DenoiseStep` is mathematically the engine's packed denoise forward restricted to one branch sequence:
 the query block is [<|vision_start|>, N latents, <|vision_end|>], every row at the branch's RoPE position,
 attending without a mask to the branch's cached context plus the whole block. MoT routing uses static
 slices (und rows 0 and N+1, gen rows 1..N) and the cache is an explicit input, so the graph holds no
-index_put / nonzero: ONNX gets Slice/Concat, not ScatterND/NonZero/GatherND (§1, §6.3).
+index_put / nonzero: ONNX gets Slice/Concat, not ScatterND/NonZero/GatherND (docs/backends.md §1, §7.2).
 
 The module shares its weights with the `Bagel` it is built from (no copies) and holds only what the step
 uses: no token embedding table, LM head or ViT.
@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
     from engine.core import Engine, RequestState
 
-# ONNX ops that mean dynamic routing or scatter-written caches crept back into the graph (§6.3).
+# ONNX ops that mean dynamic routing or scatter-written caches crept back into the graph
+# (docs/backends.md §7.2).
 FORBIDDEN_ONNX_OPS = frozenset({"ScatterND", "NonZero", "GatherND"})
 # The same in the aten graph of an ExportedProgram.
 FORBIDDEN_ATEN_OPS = frozenset({"index_put", "index_put_", "nonzero", "scatter", "masked_scatter"})
@@ -185,9 +186,9 @@ def export_onnx(
 ) -> Path:
     """Write the step as ONNX (dynamo exporter) at `opset`; `dtype` casts a private copy (e.g. bfloat16).
 
-    Opset 23 fuses attention into `Attention` and the norms into `RMSNormalization` (§5.1); TensorRT 11
-    takes precision only from the graph, so a bf16 engine needs a bf16 export (§6.1). Files over 2 GB get
-    external data next to `path`.
+    Opset 23 fuses attention into `Attention` and the norms into `RMSNormalization` (docs/backends.md §5);
+    TensorRT 11 takes precision only from the graph, so a bf16 engine needs a bf16 export
+    (docs/backends.md §7.1). Files over 2 GB get external data next to `path`.
     """
     import onnx
 

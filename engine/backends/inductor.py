@@ -1,4 +1,4 @@
-"""`torch.compile` of the per-token blocks (compile-backends.md §7.1, the development form of `inductor`).
+"""`torch.compile` of the per-token blocks (docs/backends.md §2, the development form of `inductor`).
 
 Every decoder layer's `pre_attention` (input norm, q/k/v, QK-norm) and `post_attention` (o_proj, residual,
 norm, MLP) is compiled with dynamic row counts; routing, RoPE, cache writes and attention (which depend on
@@ -28,8 +28,8 @@ _BLOCKS = ("pre_attention", "post_attention")
 class InductorBackend(Backend):
     """Options: `mode` (a torch.compile mode), `fullgraph`, `dynamic`, `cudagraphs` (off by default).
 
-    CUDA graphs re-record for every distinct shape (§6.8), so they only pay off with bucketed, warmed-up
-    shapes; `cudagraphs=True` is required for the modes that enable them.
+    CUDA graphs re-record for every distinct shape (docs/backends.md §7.3), so they only pay off with
+    bucketed, warmed-up shapes; `cudagraphs=True` is required for the modes that enable them.
     """
 
     name = "inductor"

@@ -1,12 +1,13 @@
-"""TensorRT backend: Torch-TensorRT dynamo on the exported `DenoiseStep` (compile-backends.md §2, §3, §7.1).
+"""TensorRT backend: Torch-TensorRT dynamo on the exported `DenoiseStep` (docs/backends.md §2, §3).
 
 Optional and import-guarded: `tensorrt` and `torch_tensorrt` cannot be installed from PyPI alone (the
-TensorRT library wheels are stubs that download from NVIDIA's index, §0.2), so constructing the backend
-raises `BackendUnavailable` where they are missing. One engine is built per shape bucket with
-`use_explicit_typing=True` (TensorRT 11 takes precision only from the graph, §6.1: load the model in bf16
-for a bf16 engine) and saved as an ExportedProgram (`.ep`) under an `ArtifactKey` directory that names the
-GPU architecture and the TensorRT / Torch-TensorRT / torch versions, which Torch-TensorRT's own engine
-cache does not (§3). Prefill stays on the engine's eager path; denoise steps run branch by branch.
+TensorRT library wheels are stubs that download from NVIDIA's index, docs/backends.md §6), so constructing
+the backend raises `BackendUnavailable` where they are missing. One engine is built per shape bucket with
+`use_explicit_typing=True` (TensorRT 11 takes precision only from the graph, docs/backends.md §7.1: load the
+model in bf16 for a bf16 engine) and saved as an ExportedProgram (`.ep`) under an `ArtifactKey` directory
+that names the GPU architecture and the TensorRT / Torch-TensorRT / torch versions, which Torch-TensorRT's
+own engine cache does not (docs/backends.md §3). Prefill stays on the engine's eager path; denoise steps run
+branch by branch.
 """
 
 from __future__ import annotations

@@ -474,7 +474,7 @@ def test_worker_grace_period_covers_drain(monkeypatch: pytest.MonkeyPatch) -> No
     settings = _settings_from_env(monkeypatch, _env(deploy))
     grace = _pod(deploy)["terminationGracePeriodSeconds"]
     assert grace >= settings.drain_timeout_s + WORKER_GRACE_MARGIN_S
-    # 30 s (the default) is short for a 50-step 1024^2 job (serving-design §3.4).
+    # 30 s (the default) is short for a 50-step 1024^2 job (docs/serving.md §10).
     assert settings.drain_timeout_s > Settings.model_fields["drain_timeout_s"].default
     v = _values()["worker"]
     assert v["terminationGracePeriodSeconds"] >= v["drainTimeoutS"] + WORKER_GRACE_MARGIN_S

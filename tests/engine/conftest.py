@@ -14,7 +14,7 @@ from PIL import Image
 # Tiny shapes: intra-op threads only add contention (2 shared cores make OpenMP spin-waits 10-50x slower).
 torch.set_num_threads(1)
 
-# rvr.md §1.3, written out here independently of engine.prompts.
+# docs/rvr.md §2, written out here independently of engine.prompts.
 SYSTEM_PROMPT = (
     "Analyze the potential misalignment between the generated image and the user's prompt. "
     "Then, re-generate the image to precisely align with the user's prompt.\n\n"
@@ -25,12 +25,12 @@ assert hashlib.sha256(SYSTEM_PROMPT.encode()).hexdigest()[:16] == "dbb330a2ae7ea
 
 
 def refine_prompt(user_prompt: str) -> str:
-    """rvr.md §1.3 user template (trailing space included)."""
+    """docs/rvr.md §2 user template (trailing space included)."""
     return "Here is the user's prompt: " + user_prompt + ". "
 
 
 def vae_rule(width: int, height: int, max_size: int, min_size: int, stride: int, max_pixels: int):
-    """bagel-model.md §5 resize rule, written from the spec (Python's banker's round)."""
+    """docs/model.md §7 resize rule, written from that text (Python's banker's round)."""
 
     def make_div(v):
         return max(stride, round(v / stride) * stride)

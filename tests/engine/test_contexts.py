@@ -1,4 +1,4 @@
-"""Context planner + task contexts: token ids, kv lengths and RoPE positions per rvr.md §1.4 / bagel-model.md §3.5."""
+"""Context planner + task contexts: token ids, kv lengths and RoPE positions per docs/rvr.md §3."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ VAE = BagelConfig().vae_transform  # 1024 / 512 / 16
 VIT = BagelConfig().vit_transform  # 980 / 224 / 14
 
 
-# Expected values worked by hand from spec §5 (Python's banker's round at every step).
+# Expected values worked by hand from docs/model.md §7 (Python's banker's round at every step).
 @pytest.mark.parametrize(
     ("size", "vae", "vit"),
     [

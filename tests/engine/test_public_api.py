@@ -82,7 +82,7 @@ def test_error_hierarchy():
 
 
 def test_released_task_defaults():
-    """rvr.md §1.5 (refine) and bagel-model.md §3.6 notebook T2I values, written out independently."""
+    """docs/rvr.md §4: refine, edit and notebook T2I values, written out independently."""
     d = engine.TASK_DEFAULTS
     for task in ("refine", "edit"):
         p = d[task]

@@ -1,4 +1,5 @@
-"""Sampler: schedule, CFG window, guidance/renorm formulas (bagel-model.md §3.2-3.4) against float64 references."""
+"""Sampler: schedule, CFG window, guidance/renorm formulas against float64 references (docs/sampler.md §2,
+§3, §4)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def test_cfg_window_bounds_and_branch_rules():
 
 
 def _ref_combine(vc, vt, vi, s_txt, s_img, renorm, rmin):
-    """bagel-model.md §3.4 in float64, written from the spec text."""
+    """docs/sampler.md §4 in float64, written from that text."""
     vc, vt = vc.double(), vt.double()
     vi = vi.double() if vi is not None else None
     if s_txt <= 1:

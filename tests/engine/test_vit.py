@@ -62,7 +62,7 @@ def test_key_names_layers_run_only(model):
 
 
 def test_full_size_parameter_count():
-    # Spec §4.3: ViT (26 layers + embeddings + post-LN) is about 0.4026 B parameters.
+    # docs/model.md §3: ViT (26 layers + embeddings + post-LN) is about 0.4026 B parameters.
     with torch.device("meta"):
         m = SiglipVisionModel(ViTConfig())
     n = sum(p.numel() for p in m.parameters())

@@ -2,7 +2,7 @@
 
 The goldens are independent of kernels/fused_reference.py: plain float64 math, no dtype roundings.
 A result passes when its error against the golden is within twice the PyTorch reference's own error in
-the same dtype, plus a dtype-scaled floor (kernel-design.md §4: tolerances scaled to what PyTorch
+the same dtype, plus a dtype-scaled floor (docs/kernel.md §5: tolerances scaled to what PyTorch
 achieves).
 """
 

@@ -151,7 +151,7 @@ def error_stats(out: torch.Tensor, gold: torch.Tensor) -> dict:
 
 
 def within_tolerance(out, gold, lowp, dtype) -> tuple[bool, str]:
-    """kernel-design.md §4: max|out-gold| <= 2 max|out_pt-gold| + fwd_atol (FA3), and
+    """docs/kernel.md §5: max|out-gold| <= 2 max|out_pt-gold| + fwd_atol (FA3), and
     mean|out-gold| <= fudge * mean|out_pt-gold| (+ a floor at fp32 epsilon scale), fudge 1.1 / 10."""
     e = error_stats(out, gold)
     r = error_stats(lowp, gold)

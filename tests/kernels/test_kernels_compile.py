@@ -1,6 +1,6 @@
 """The kernel compiles for sm_90 (H100/H200) ahead of time, without a GPU.
 
-The interpreter accepts programs that the GPU compiler rejects (kernel-design.md §5), so this checks the
+The interpreter accepts programs that the GPU compiler rejects (docs/kernel.md §6), so this checks the
 real compile path with triton's bundled ptxas: Hopper wgmma MMAs, cp.async-pipelined K/V loads, no
 register spills. Runs in a subprocess (triton warns at import about FP fusion defaults, and the test
 suite turns warnings into errors).

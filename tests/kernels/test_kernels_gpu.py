@@ -1,5 +1,5 @@
 """The compiled kernel on a CUDA GPU in bf16/fp16 (what the interpreter cannot check): random segment
-layouts and the RvR shapes against the float64 dense-mask golden, with kernel-design.md §4 tolerances."""
+layouts and the RvR shapes against the float64 dense-mask golden, with docs/kernel.md §5 tolerances."""
 
 from __future__ import annotations
 

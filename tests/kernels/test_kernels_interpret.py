@@ -1,7 +1,7 @@
 """The Triton kernel under TRITON_INTERPRET=1 (fp16/fp32, CPU) against the float64 dense-mask golden.
 
 Each group of cases runs in one subprocess (kernels_interp_worker.py): the variable must be set before
-triton is imported, and an out-of-bounds load segfaults the interpreter. Tolerances: kernel-design.md §4.
+triton is imported, and an out-of-bounds load segfaults the interpreter. Tolerances: docs/kernel.md §5.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Backend registry, shape buckets and artifact cache keys (compile-backends.md §3, §7.1)."""
+"""Backend registry, shape buckets and artifact cache keys (docs/backends.md §2, §3, §4)."""
 
 from __future__ import annotations
 

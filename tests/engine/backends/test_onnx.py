@@ -1,4 +1,4 @@
-"""ONNX opset-23 export of the DenoiseStep: validity, static routing, ORT parity (compile-backends.md §5, §7.2)."""
+"""ONNX opset-23 export of the DenoiseStep: validity, static routing, ORT parity (docs/backends.md §5)."""
 
 from __future__ import annotations
 
