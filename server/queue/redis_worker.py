@@ -81,8 +81,27 @@ class RedisWorkerQueue:
         reply = self._retry(
             lambda: self.redis.xreadgroup(GROUP, self.consumer, {self.keys.stream: "0"}, count=1000)
         )
-        for _s, entries in reply or []:
-            self._backlog += [d for d in (self._delivery(e, f, 2) for e, f in entries) if d]
+        entries = [e for _s, es in reply or [] for e in es]
+        if not entries:
+            return
+        # Redis' real delivery count (the re-read above counted one): a job that killed this
+        # worker on every run (OOM kill, segfault) must reach the cap, not come back forever.
+        pending = self._retry(
+            lambda: self.redis.xpending_range(
+                self.keys.stream, GROUP, "-", "+", len(entries), consumername=self.consumer
+            )
+        )
+        counts = {p["message_id"].decode(): int(p["times_delivered"]) for p in pending}
+        for entry, fields in entries:
+            entry_id = entry.decode()
+            deliveries = counts.get(entry_id, self.settings.max_deliveries + 1)
+            if deliveries > self.settings.max_deliveries:
+                job_id = (fields or {}).get(b"id", b"?").decode()
+                self._dead_letter(entry_id, job_id, "worker_crashed: delivery cap reached", deliveries)
+                continue
+            d = self._delivery(entry, fields, deliveries)
+            if d is not None:
+                self._backlog.append(d)
 
     def _delivery(self, entry: bytes, fields: dict | None, deliveries: int) -> Delivery | None:
         entry_id = entry.decode()

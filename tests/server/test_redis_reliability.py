@@ -183,6 +183,23 @@ def test_a_job_past_the_delivery_cap_is_dead_lettered(api, client, rds, engine):
         assert w.metrics.dead_lettered._value.get() == 1
 
 
+def test_a_job_that_kills_its_worker_on_every_restart_is_dead_lettered(api, client, rds, engine):
+    """A pod restarting under the same name recovers its own pending entries with Redis' real count."""
+    _, settings = api
+    keys = Keys(settings.key_prefix)
+    job = refine_multipart(client, steps=3).json()["id"]
+    me = settings.worker_name
+    rds.xreadgroup(GROUP, me, {keys.stream: ">"}, count=1)  # run 1: the process was killed
+    rds.xreadgroup(GROUP, me, {keys.stream: "0"}, count=1)  # run 2 after a restart: killed again
+    with worker_thread(settings, engine, max_deliveries=2):  # run 3 would exceed the cap
+        view = poll(client, job, {"succeeded", "failed"}, timeout=30)
+        assert view["status"] == "failed" and view["error"]["code"] == "dead_lettered"
+        dead = rds.xrange(keys.dead)
+        assert len(dead) == 1 and dead[0][1][b"id"].decode() == job and dead[0][1][b"deliveries"] == b"3"
+        assert b"worker_crashed" in dead[0][1][b"reason"]
+        assert rds.xpending(keys.stream, GROUP)["pending"] == 0
+
+
 def test_an_abandoned_job_is_reclaimed_and_completed(api, client, rds, engine):
     _, settings = api
     keys = Keys(settings.key_prefix)
