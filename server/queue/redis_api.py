@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.errors import IdempotencyMismatch, Overloaded, Unavailable
@@ -35,7 +36,8 @@ def stream_ms(entry_id: str) -> float:
 
 
 def _unavailable(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Redis down or slow -> 503 `unavailable` (and /readyz fails), never a 500."""
+    """Redis down or slow -> 503 `unavailable` (and /readyz fails); Redis at `maxmemory` -> 503
+    `overloaded` (retry later, once jobs finish and their entries expire); never a 500."""
 
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> T:
@@ -43,6 +45,8 @@ def _unavailable(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
             return await fn(*args, **kwargs)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise Unavailable("the queue is unreachable", headers={"Retry-After": "1"}) from exc
+        except RedisOutOfMemoryError as exc:
+            raise Overloaded("the queue's store is full", headers={"Retry-After": "5"}) from exc
 
     return wrapper
 

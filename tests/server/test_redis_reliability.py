@@ -146,6 +146,25 @@ def test_redis_restart_mid_run_loses_no_accepted_job(tiny_model, engine, own_red
         live.stop()
 
 
+def test_redis_at_maxmemory_answers_503_overloaded_not_500(tiny_model, own_redis):
+    settings = stack_settings("redis", tiny_model, own_redis.url)
+    live = LiveServer(create_app(settings)).start()
+    admin = redis.Redis.from_url(own_redis.url)
+    try:
+        with httpx.Client(base_url=live.url, timeout=30) as client:
+            assert refine_multipart(client, steps=2).status_code == 202
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", "1")  # below what is used: every write is refused
+            r = refine_multipart(client, steps=2)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+            assert r.headers["retry-after"].isdigit()
+            admin.config_set("maxmemory", "0")
+            assert refine_multipart(client, steps=2).status_code == 202
+    finally:
+        admin.close()
+        live.stop()
+
+
 def test_a_running_job_is_not_reclaimed_while_its_worker_lives(api, client, rds, engine):
     """Jobs outlive the visibility timeout; the running worker's heartbeat keeps them from looking idle."""
     _, settings = api
