@@ -180,7 +180,9 @@ return 1
 HAND_BACK = (
     _TERMINAL
     + """
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+-- No longer pending: a retry of this call (its first run landed) or another owner's; re-adding
+-- would duplicate the job.
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XDEL', KEYS[1], ARGV[2])
 if terminal(redis.call('HGET', KEYS[2], 'status')) then return 0 end
 local entry = redis.call('XADD', KEYS[1], '*', 'id', ARGV[3], 'msg', ARGV[4])
@@ -195,6 +197,8 @@ return 1
 DEAD_LETTER = (
     _TERMINAL
     + """
+-- No longer pending: a retry whose first run landed; a second dead letter would duplicate it.
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*', 'id', ARGV[3], 'entry', ARGV[2],
   'reason', ARGV[4], 'deliveries', ARGV[5])
 if not terminal(redis.call('HGET', KEYS[3], 'status')) then
@@ -205,8 +209,23 @@ if not terminal(redis.call('HGET', KEYS[3], 'status')) then
     'data', cjson.encode({code = 'dead_lettered', message = ARGV[10]}))
   redis.call('EXPIRE', KEYS[4], ARGV[7])
 end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
 """
 )
+
+# KEYS: stream.  ARGV: group, consumer, entry ids...  Resets the idle time of the entries this
+# consumer still owns (JUSTID: no delivery counted); returns those it lost to a reclaim, which
+# must not be taken back (two workers would run the job).
+REFRESH = """
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost
+"""

@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.queue.base import Delivery, WorkerStats
 from server.queue.redis_api import decode_hash
-from server.queue.redis_keys import DEAD_LETTER, FINISH, GROUP, HAND_BACK, PUBLISH, Keys
+from server.queue.redis_keys import DEAD_LETTER, FINISH, GROUP, HAND_BACK, PUBLISH, REFRESH, Keys
 from server.schemas import JobMessage
 from server.settings import Settings
 
@@ -48,6 +48,7 @@ class RedisWorkerQueue:
         self._finish = self.redis.register_script(FINISH)
         self._hand_back = self.redis.register_script(HAND_BACK)
         self._dead = self.redis.register_script(DEAD_LETTER)
+        self._refresh = self.redis.register_script(REFRESH)
         self._backlog: list[Delivery] = []  # reclaimed or own pending entries, taken before new ones
         self._retry(self._ensure_group)
         self._recover_own()
@@ -207,8 +208,8 @@ class RedisWorkerQueue:
         def run() -> None:
             pipe = self.redis.pipeline(transaction=False)
             if refs:
-                # Reset idle time of what this worker holds, without counting a delivery.
-                pipe.xclaim(self.keys.stream, GROUP, self.consumer, 0, refs, justid=True)
+                # Reset idle time of what this worker still owns, without counting a delivery.
+                self._refresh(keys=[self.keys.stream], args=[GROUP, self.consumer, *refs], client=pipe)
             pipe.hset(self.keys.workers, self.consumer, beat)
             pipe.execute()
 

@@ -18,6 +18,7 @@ import redis
 from server.app import create_app
 from server.metrics import Metrics
 from server.queue import make_worker_queue
+from server.queue.base import WorkerStats
 from server.queue.redis_keys import GROUP, Keys
 from server.schemas import JobMessage, JobParams
 from server.worker import Worker
@@ -277,3 +278,38 @@ def test_sigterm_drain_finishes_or_hands_back(api, client, rds, engine, tmp_path
         client.delete(f"/v1/jobs/{job}")  # 200 steps is long; the point was the hand-back
         assert poll(client, job, {"cancelled", "succeeded"})["status"] == "cancelled"
         wait_until(lambda: rds.xpending(Keys(settings.key_prefix).stream, GROUP)["pending"] == 0, 30)
+
+
+def test_heartbeat_does_not_take_back_a_job_another_worker_reclaimed(api, client, rds):
+    """A worker that stalled past the visibility timeout must not re-own what a reaper took."""
+    _, settings = api
+    keys = Keys(settings.key_prefix)
+    stalled = make_worker_queue(settings.model_copy(update={"worker_name": "stalled"}))
+    try:
+        refine_multipart(client, steps=2)
+        (d,) = stalled.take(1, 1.0)
+        rds.xclaim(keys.stream, GROUP, "reaper", 0, [d.ref], justid=True)  # the reaper's reclaim
+        stalled.refresh([d], WorkerStats())
+        (owner,) = rds.xpending_range(keys.stream, GROUP, d.ref, d.ref, 1)
+        assert owner["consumer"] == b"reaper"
+    finally:
+        stalled.close()
+
+
+def test_retried_hand_back_and_dead_letter_do_not_duplicate(api, client, rds):
+    _, settings = api
+    keys = Keys(settings.key_prefix)
+    q = make_worker_queue(settings.model_copy(update={"worker_name": "retrier"}))
+    try:
+        refine_multipart(client, steps=2)
+        refine_multipart(client, steps=2)
+        first, second = q.take(2, 1.0)
+        before = rds.xlen(keys.stream)
+        q.hand_back(first)
+        q.hand_back(first)  # a retry after a lost reply
+        assert rds.xlen(keys.stream) == before  # one entry removed, one re-added
+        q._dead_letter(second.ref, second.msg.id, "test", 2)
+        q._dead_letter(second.ref, second.msg.id, "test", 2)
+        assert rds.xlen(keys.dead) == 1
+    finally:
+        q.close()
