@@ -50,7 +50,7 @@ async def parse_body(request: Request, model: type[BaseModel], needs_image: bool
     if ctype == "application/json":
         try:
             raw = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidInput("the body is not valid JSON") from exc
         if not isinstance(raw, dict):
             raise InvalidInput("the JSON body must be an object")

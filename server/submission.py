@@ -18,12 +18,16 @@ from server.uploads import normalize_image
 from server.views import queue_eta_s, retry_after
 
 
-async def admission_gate(rt: Runtime) -> int:
-    """503 before costly work (body, decode) when draining or full; returns the queue depth seen.
-    The queue re-checks atomically at enqueue."""
+async def admission_gate(request: Request, rt: Runtime) -> int | None:
+    """503 before costly work (body, decode) when draining or full; returns the queue depth seen, or
+    None for a replay (an Idempotency-Key whose job lives: it adds no work, so a full queue does not
+    refuse it). The queue re-checks atomically at enqueue."""
     s = rt.settings
     if rt.draining.is_set():
         raise Unavailable("the server is draining", headers={"Retry-After": str(s.retry_after_min_s)})
+    scoped_key = scoped_idempotency_key(request, idempotency_key(request))
+    if scoped_key is not None and await rt.queue.replayed_job(scoped_key) is not None:
+        return None
     depth = (await rt.queue.stats()).queued
     if depth >= s.max_queue_depth:
         raise Overloaded("the queue is full", headers={"Retry-After": await retry_after(rt, depth)})
@@ -37,17 +41,22 @@ def idempotency_key(request: Request) -> str | None:
     return key
 
 
+def scoped_idempotency_key(request: Request, idem_key: str | None) -> str | None:
+    """Keys are per client: one client's key never names another's job."""
+    return f"{request.state.client}:{idem_key}" if idem_key else None
+
+
 async def enqueue(
     request: Request,
     rt: Runtime,
     kind: str,
     params: JobParams,
     raw_image: bytes | None,
-    depth: int,
+    depth: int | None,
     idem_key: str | None,
 ) -> str:
     """Validated parameters and raw upload -> a queued job id (the existing one for a repeated
-    Idempotency-Key with the same payload)."""
+    Idempotency-Key with the same payload). `depth` is admission_gate's answer (None: a replay)."""
     s = rt.settings
     check_limits(kind, params, s)
     image = None
@@ -56,13 +65,13 @@ async def enqueue(
             normalize_image, raw_image, s.max_image_pixels, s.max_image_side, limiter=rt.decode_limiter
         )
     deadline_s = min(params.deadline_s or s.max_queue_wait_s, s.max_queue_wait_s)
-    if await queue_eta_s(rt, depth) > deadline_s:
+    if depth is not None and await queue_eta_s(rt, depth) > deadline_s:
         # It would expire in the queue: say so now, with when to come back.
         raise Overloaded(
             "the work ahead outlasts deadline_s", headers={"Retry-After": await retry_after(rt, depth)}
         )
     msg = JobMessage.new(uuid.uuid4().hex, kind, params, image is not None, deadline_s)
-    scoped_key = f"{request.state.client}:{idem_key}" if idem_key else None
+    scoped_key = scoped_idempotency_key(request, idem_key)
     try:
         job_id, _ = await rt.queue.submit(
             msg, image, fingerprint(kind, params, image), scoped_key, s.max_queue_depth

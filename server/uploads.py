@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import warnings
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from server.errors import ImageTooLarge, InvalidInput, UnsupportedMediaType
 
@@ -60,7 +60,9 @@ def normalize_image(data: bytes, max_pixels: int, max_side: int) -> bytes:
             )
         try:
             im.load()
-            rgb = im.convert("RGB")
+            # Phones store the sensor's orientation in EXIF; the pixels must be upright before the
+            # metadata is dropped, or the photo is refined sideways (docs/serving.md §7).
+            rgb = ImageOps.exif_transpose(im).convert("RGB")
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageTooLarge("the image has too many pixels") from exc
         except Exception as exc:

@@ -65,6 +65,10 @@ class ApiQueue(Protocol):
         Raises Overloaded when `max_depth` jobs already wait, IdempotencyMismatch on a changed payload."""
         ...
 
+    async def replayed_job(self, idem_key: str) -> str | None:
+        """The job a scoped Idempotency-Key names, while its record lives (a replay is no new work)."""
+        ...
+
     async def get(self, job_id: str) -> dict[str, str] | None: ...
 
     async def position(self, job_id: str) -> int | None:

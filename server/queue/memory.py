@@ -91,6 +91,12 @@ class MemoryQueue:
             self._cv.notify()
         return msg.id, True
 
+    async def replayed_job(self, idem_key: str) -> str | None:
+        with self._lock:
+            self._expire()
+            entry = self._idem.get(idem_key)
+            return entry[0] if entry is not None and entry[0] in self._jobs else None
+
     async def get(self, job_id: str) -> dict[str, str] | None:
         with self._lock:
             job = self._jobs.get(job_id)

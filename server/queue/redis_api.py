@@ -95,6 +95,14 @@ class RedisApiQueue:
         return value, outcome == "created"
 
     @_unavailable
+    async def replayed_job(self, idem_key: str) -> str | None:
+        prev = await self.redis.get(self.keys.idem(idem_key))
+        if prev is None:
+            return None
+        job_id = prev.decode().split(" ", 1)[0]
+        return job_id if await self.redis.exists(self.keys.job(job_id)) else None
+
+    @_unavailable
     async def get(self, job_id: str) -> dict[str, str] | None:
         raw = await self.redis.hgetall(self.keys.job(job_id))
         return decode_hash(raw) if raw else None

@@ -207,7 +207,7 @@ def _without_unsupported(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _run(
-    request: Request, kind: str, fields: dict[str, Any], image: bytes | None, depth: int
+    request: Request, kind: str, fields: dict[str, Any], image: bytes | None, depth: int | None
 ) -> Response:
     rt: Runtime = request.app.state.rt
     idem_key = idempotency_key(request)
@@ -283,7 +283,7 @@ _EDIT_FORM = {
 )
 async def images_edits(request: Request) -> Response:
     rt: Runtime = request.app.state.rt
-    depth = await admission_gate(rt)
+    depth = await admission_gate(request, rt)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "multipart/form-data":
         raise UnsupportedMediaType("send multipart/form-data")
@@ -317,13 +317,13 @@ async def images_edits(request: Request) -> Response:
 )
 async def images_generations(request: Request) -> Response:
     rt: Runtime = request.app.state.rt
-    depth = await admission_gate(rt)
+    depth = await admission_gate(request, rt)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise UnsupportedMediaType("send application/json")
     try:
         fields = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidInput("the body is not valid JSON") from exc
     if not isinstance(fields, dict):
         raise InvalidInput("the JSON body must be an object")

@@ -44,7 +44,7 @@ def _body_schema(json_model: type, form_model: type, with_image: bool) -> dict:
 
 async def _submit(request: Request, kind: str) -> Response:
     rt: Runtime = request.app.state.rt
-    depth = await admission_gate(rt)
+    depth = await admission_gate(request, rt)
     idem_key = idempotency_key(request)
     if kind == "judge":
         params, raw = await parse_body(request, JudgeParams, needs_image=True)

@@ -153,3 +153,21 @@ def test_engine_side_rejection_is_a_job_failure_not_a_5xx(client):
         "/v1/generate", json={"prompt": "x", "steps": 2, "height": 256}, headers={"Prefer": "wait"}
     )
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input"
+
+
+def test_exif_orientation_is_applied_on_decode():
+    """A JPEG stored 4x2 with EXIF orientation 6 (rotate 90° CW) is a 2x4 upright photo."""
+    from server.uploads import normalize_image
+
+    im = Image.new("RGB", (4, 2), (255, 0, 0))
+    im.paste((0, 0, 255), (0, 0, 2, 2))  # left half blue: after a 90° CW turn it is the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif.tobytes(), quality=100)
+    out = Image.open(io.BytesIO(normalize_image(buf.getvalue(), 1_000_000, 2048)))
+    assert out.size == (2, 4)
+    assert out.getexif().get(0x0112) is None
+    top, bottom = out.getpixel((1, 0)), out.getpixel((1, 3))
+    assert top[2] > 200 and top[0] < 60, top
+    assert bottom[0] > 200 and bottom[2] < 60, bottom
