@@ -104,6 +104,8 @@ def create_app(
     app.include_router(jobs.router)
     app.include_router(openai_images.router)
     web.install(app, settings)
+    if settings.key_digests():
+        _declare_bearer_auth(app)
     # The last added is outermost: security headers and metrics see every answer, auth runs before the
     # body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
@@ -111,3 +113,25 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(SecurityHeadersMiddleware)
     return app
+
+
+def _declare_bearer_auth(app: FastAPI) -> None:
+    """OpenAPI names the bearer scheme that AuthMiddleware enforces on every `/v1` route, so generated
+    clients and Swagger's Authorize button send the key."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearerAuth": {"type": "http", "scheme": "bearer", "description": "An API key of api_keys"}
+        }
+        for path, operations in schema.get("paths", {}).items():
+            if path.startswith("/v1"):
+                for op in operations.values():
+                    op["security"] = [{"bearerAuth": []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
