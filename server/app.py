@@ -97,11 +97,12 @@ def create_app(
         return await _serve_error(request, ServeError("internal error"))
 
     from server import web
-    from server.routes import health, jobs, openai_images, submit
+    from server.routes import health, info, jobs, openai_images, submit
 
     app.include_router(health.router)
     app.include_router(submit.router)
     app.include_router(jobs.router)
+    app.include_router(info.router)
     app.include_router(openai_images.router)
     web.install(app, settings)
     if settings.key_digests():

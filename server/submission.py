@@ -10,8 +10,9 @@ from typing import Literal
 import anyio
 from starlette.requests import Request
 
+from server.capabilities import current_info, prompt_tokens
 from server.errors import InvalidInput, Overloaded, Unavailable
-from server.params import check_limits
+from server.params import check_limits, check_prompt_tokens
 from server.runtime import Runtime
 from server.schemas import TERMINAL_EVENTS, JobMessage, JobParams, fingerprint
 from server.uploads import normalize_image
@@ -49,7 +50,9 @@ async def enqueue(
     """Validated parameters and raw upload -> a queued job id (the existing one for a repeated
     Idempotency-Key with the same payload)."""
     s = rt.settings
-    check_limits(kind, params, s)
+    info = await current_info(rt)
+    check_limits(kind, params, info.limits)
+    check_prompt_tokens(await prompt_tokens(rt, info, params.prompt), info.limits)
     image = None
     if raw_image is not None:
         image = await anyio.to_thread.run_sync(

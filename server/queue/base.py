@@ -31,6 +31,7 @@ class WorkerStats:
     step_s: float = 0.0
     job_s: float = 0.0
     slots: int = 1
+    capabilities: dict | None = None  # engine.capabilities.Capabilities.to_dict() of a loaded worker
 
 
 def initial_record(msg: JobMessage, fingerprint: str) -> dict[str, str]:
@@ -87,6 +88,10 @@ class ApiQueue(Protocol):
 
     async def result(self, job_id: str) -> bytes | None: ...
 
+    async def tokenizer_json(self, sha256: str) -> str | None:
+        """A tokenizer a worker shared (`WorkerQueue.share_tokenizer`), or None."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -128,6 +133,10 @@ class WorkerQueue(Protocol):
 
     def hand_back(self, d: Delivery) -> None:
         """Return a job to the queue for another worker (drain). Durable queues only."""
+        ...
+
+    def share_tokenizer(self, sha256: str, tokenizer_json: str) -> None:
+        """Make the worker's tokenizer readable by API processes (prompt tokens counted at submit)."""
         ...
 
     def refresh(self, deliveries: list[Delivery], stats: WorkerStats) -> None:

@@ -42,6 +42,7 @@ class MemoryQueue:
         self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._running: set[str] = set()
         self._stats: WorkerStats | None = None
+        self._tokenizers: dict[str, str] = {}
         self._result_ttl_s = result_ttl_s
         self._idem_ttl_s = idempotency_ttl_s
 
@@ -112,6 +113,9 @@ class MemoryQueue:
 
     async def worker_stats(self) -> list[WorkerStats]:
         return [self._stats] if self._stats else []
+
+    async def tokenizer_json(self, sha256: str) -> str | None:
+        return self._tokenizers.get(sha256)
 
     async def cancel(self, job_id: str) -> dict[str, str] | None:
         with self._lock:
@@ -220,6 +224,9 @@ class MemoryQueue:
             job = self._jobs.get(d.msg.id)
             if job is not None and job.record["status"] not in TERMINAL:
                 self._finish(job, etype, data, fields)
+
+    def share_tokenizer(self, sha256: str, tokenizer_json: str) -> None:
+        self._tokenizers[sha256] = tokenizer_json
 
     def refresh(self, deliveries: list[Delivery], stats: WorkerStats) -> None:
         self._stats = stats

@@ -134,8 +134,14 @@ class RedisApiQueue:
         for raw in (await self.redis.hgetall(self.keys.workers)).values():
             d = json.loads(raw)
             if d.get("ts", 0) >= fresh:
-                out.append(WorkerStats(step_s=d["step_s"], job_s=d["job_s"], slots=d["slots"]))
+                stats = WorkerStats(d["step_s"], d["job_s"], d["slots"], d.get("capabilities"))
+                out.append(stats)
         return out
+
+    @_unavailable
+    async def tokenizer_json(self, sha256: str) -> str | None:
+        raw = await self.redis.get(self.keys.tokenizer(sha256))
+        return raw.decode() if raw is not None else None
 
     @_unavailable
     async def cancel(self, job_id: str) -> dict[str, str] | None:

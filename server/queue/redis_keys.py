@@ -10,7 +10,8 @@
 | `<p>:events:<id>`          | stream, TTL   | `type`, `data` (JSON); entry ids are the SSE ids            |
 | `<p>:cancel:<id>`          | string, TTL   | cancel flag the worker checks every step                    |
 | `<p>:idem:<client>:<key>`  | string, TTL   | "<job id> <fingerprint>"                                     |
-| `<p>:workers`              | hash          | worker name -> JSON stats and heartbeat time                |
+| `<p>:workers`              | hash          | worker name -> JSON stats, capabilities and heartbeat time  |
+| `<p>:tokenizer:<sha256>`   | string, TTL   | a worker's tokenizer JSON (prompt tokens counted at submit) |
 
 The job stream is bounded by admission (`max_queue_depth`), never by MAXLEN: only acknowledged
 entries are deleted (with XDEL, in the same script as the XACK).
@@ -19,6 +20,8 @@ entries are deleted (with XDEL, in the same script as the XACK).
 from __future__ import annotations
 
 GROUP = "workers"
+# A shared tokenizer outlives its last worker by this long (every heartbeat renews it).
+TOKENIZER_TTL_S = 86400
 
 
 class Keys:
@@ -42,6 +45,9 @@ class Keys:
 
     def cancel(self, job_id: str) -> str:
         return f"{self.p}:cancel:{job_id}"
+
+    def tokenizer(self, sha256: str) -> str:
+        return f"{self.p}:tokenizer:{sha256}"
 
     def idem(self, scoped_key: str) -> str:
         return f"{self.p}:idem:{scoped_key}"
