@@ -111,7 +111,9 @@ def create_app(
     # body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(AuthMiddleware, digests=settings.key_digests())
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    routes = [r for router in (health, submit, jobs, info, openai_images) for r in router.router.routes]
+    routes += [r for r in app.router.routes if hasattr(r, "path_regex")]  # the web page's, the docs'
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
     app.add_middleware(SecurityHeadersMiddleware)
     return app
 

@@ -1,8 +1,8 @@
 """The queue protocol both backends implement: an async side for the API, a sync side for the worker.
 
 Job records are flat `str -> str` maps (a Redis hash) with these fields: id, kind, status, created_at,
-started_at, finished_at, step, total, round, rounds, seed, score, scores (JSON: p(yes) per round),
-error_code, error_message, output_format, attempts, worker, timings (JSON), completions (results
+deadline (not started by then: never runs), started_at, finished_at, steps (asked; 0: the task's default), step, total, round, rounds, seed, score, scores (JSON: p(yes) per round),
+cancel_requested (1: a cancel asked of a running job), error_code, error_message, output_format, attempts, worker, timings (JSON), completions (results
 written; 1 when correct).
 """
 
@@ -40,6 +40,8 @@ def initial_record(msg: JobMessage, fingerprint: str) -> dict[str, str]:
         "kind": msg.kind,
         "status": "queued",
         "created_at": repr(msg.enqueued_at),
+        "deadline": repr(msg.deadline),
+        "steps": str(msg.params.steps or 0),  # 0: the task's default
         "rounds": str(msg.params.rounds),
         "output_format": msg.params.output_format,
         "attempts": "0",
@@ -78,6 +80,11 @@ class ApiQueue(Protocol):
 
     async def cancel(self, job_id: str) -> dict[str, str] | None:
         """Cancel: a queued job at once, a running one at the worker's next step boundary."""
+        ...
+
+    async def expire(self, job_id: str, message: str) -> bool:
+        """End a job still waiting in the queue as failed `queue_timeout` (its deadline passed); False when
+        it is no longer waiting."""
         ...
 
     async def events(self, job_id: str, after: str | None, block_s: float) -> list[Event]:

@@ -127,7 +127,18 @@ class MemoryQueue:
                 self._finish(job, "cancelled", {}, finished_fields("cancelled"))
             elif job.record["status"] not in TERMINAL:
                 job.cancel = True  # taken by the worker: it stops at the next step boundary
+                job.record["cancel_requested"] = "1"
             return dict(job.record)
+
+    async def expire(self, job_id: str, message: str) -> bool:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job_id not in self._waiting:
+                return False  # taken: the worker expires it before it reaches the engine
+            self._waiting.remove(job_id)
+            fields = finished_fields("failed", error_code="queue_timeout", error_message=message)
+            self._finish(job, "failed", {"code": "queue_timeout", "message": message}, fields)
+            return True
 
     async def events(self, job_id: str, after: str | None, block_s: float) -> list[Event]:
         start = int(after) if after else 0

@@ -15,7 +15,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.errors import IdempotencyMismatch, Overloaded, Unavailable
 from server.queue.base import WorkerStats, initial_record
-from server.queue.redis_keys import CANCEL, GROUP, POSITION, SUBMIT, Keys
+from server.queue.redis_keys import CANCEL, EXPIRE_QUEUED, GROUP, POSITION, SUBMIT, Keys
 from server.schemas import Event, JobMessage, QueueStats
 from server.settings import Settings
 
@@ -59,6 +59,7 @@ class RedisApiQueue:
         self._submit = self.redis.register_script(SUBMIT)
         self._position = self.redis.register_script(POSITION)
         self._cancel = self.redis.register_script(CANCEL)
+        self._expire_queued = self.redis.register_script(EXPIRE_QUEUED)
         # Records outlive a queued job's longest wait, then the result's TTL.
         self._job_ttl = int(settings.max_queue_wait_s + settings.result_ttl_s + settings.drain_timeout_s + 60)
 
@@ -150,6 +151,14 @@ class RedisApiQueue:
             keys=keys, args=[self.settings.result_ttl_s, repr(time.time()), self.settings.events_maxlen]
         )
         return decode_hash(raw) if raw else None
+
+    @_unavailable
+    async def expire(self, job_id: str, message: str) -> bool:
+        s = self.settings
+        data = json.dumps({"code": "queue_timeout", "message": message})
+        args = [s.result_ttl_s, repr(time.time()), s.events_maxlen, message, data]
+        keys = [self.keys.job(job_id), self.keys.events(job_id)]
+        return bool(await self._expire_queued(keys=keys, args=args))
 
     @_unavailable
     async def events(self, job_id: str, after: str | None, block_s: float) -> list[Event]:

@@ -124,6 +124,9 @@ if not st then return nil end
 if st == 'queued' or st == 'running' then
   redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
 end
+if st == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+end
 if st == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2])
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'type', 'cancelled', 'data', '{}')
@@ -131,6 +134,17 @@ if st == 'queued' then
   redis.call('EXPIRE', KEYS[1], ARGV[1])
 end
 return redis.call('HGETALL', KEYS[1])
+"""
+
+# KEYS: job, events.  ARGV: ttl, now, maxlen, message, event data.  Only a job still queued.
+EXPIRE_QUEUED = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[2], 'error_code', 'queue_timeout',
+           'error_message', ARGV[4])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'type', 'failed', 'data', ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
 """
 
 _TERMINAL = """
