@@ -156,18 +156,16 @@ def _progress(args, total_rounds: int = 1):
 
 
 def _check_output(path: Path) -> None:
-    """Fail before any work when the output format is unknown."""
+    """Fail before any work when the output format is unknown or its directory does not exist (a typo in
+    a path is not silently created)."""
     from PIL import Image
 
     from engine.errors import InvalidRequestError
 
+    if not path.parent.is_dir():
+        raise InvalidRequestError(f"output directory does not exist: {path.parent}")
     if path.suffix.lower() not in Image.registered_extensions():
         raise InvalidRequestError(f"unknown output image format {path.suffix!r} (use .png, .jpg or .webp)")
-
-
-def _save(image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
 
 
 def _image_command(args, call) -> int:
@@ -178,7 +176,7 @@ def _image_command(args, call) -> int:
         out = call(engine, on_step)
     finally:
         close()
-    _save(out.image, args.output)
+    out.image.save(args.output)
     line = f"{args.output} {out.image.width}x{out.image.height} seed={out.seed}"
     if args.command == "refine":
         line += f" rounds={out.round_index}" + (f" score={out.score:.4f}" if out.score is not None else "")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from PIL import Image
 from engine import pipelines
 from engine.attention import select_attention
 from engine.backends.base import Backend
+from engine.capabilities import Capabilities, checkpoint_fingerprint, tokenizer_hash
 from engine.config import BagelConfig
 from engine.contexts import ContextRange, PrefillSequence, plan_contexts
 from engine.denoise import BRANCHES, Denoiser, PackedDenoiser, advance, plan_step
@@ -42,7 +44,7 @@ from engine.requests import (
 )
 from engine.sampler import schedule
 from engine.tokenizer import Tokenizer
-from engine.types import FinishedRound, GenerationRequest, StepEvent
+from engine.types import MAX_STEPS, MIN_STEPS, TASKS, FinishedRound, GenerationRequest, StepEvent
 from kernels import SequenceSpec
 
 StepCallback = Callable[[StepEvent, Callable[..., Image.Image]], None]
@@ -153,6 +155,7 @@ class Engine:
             for name, model in weights.items()
         }
         self._info = dict(info or {})
+        self._capabilities: Capabilities | None = None
         self._marker_ids = torch.tensor([tokenizer.vision_start_id, tokenizer.vision_end_id], device=device)
         if backend is None:
             from engine.backends.eager import EagerBackend
@@ -177,6 +180,33 @@ class Engine:
             "max_image_side": self.cfg.max_image_side,
             "size_multiple": self.cfg.latent_downsample,
         }
+
+    def capabilities(self) -> Capabilities:
+        """Tasks, placement and the request limits this engine enforces (docs/serving.md §6).
+        The checkpoint fingerprint and tokenizer hash are computed once."""
+        if self._capabilities is None:
+            stride = self.cfg.latent_downsample
+            model_dir = self._info.get("model_dir")
+            self._capabilities = Capabilities(
+                model=Path(model_dir).name if model_dir else "unnamed",
+                model_hash=checkpoint_fingerprint(model_dir) if model_dir else "",
+                tasks=(*TASKS, "judge"),
+                device=str(self.device),
+                dtype=str(self.dtype).removeprefix("torch."),
+                weights=tuple(sorted(self.weight_sets)),
+                backend=self.backend.name,
+                attention=self.attention_impl,
+                speed_modes=("exact",),
+                min_side=stride,
+                max_side=self.cfg.max_image_side,
+                side_multiple=stride,
+                min_steps=MIN_STEPS,
+                max_steps=MAX_STEPS,
+                max_rounds=self.limits.max_rounds,
+                max_prompt_tokens=self.limits.max_prompt_tokens,
+                tokenizer_hash=tokenizer_hash(self.tokenizer.to_json()),
+            )
+        return self._capabilities
 
     def weights_for(self, task: str) -> WeightSet:
         """Refine uses RvR weights; generate, edit and judge use BAGEL's (each falls back to the other)."""

@@ -121,7 +121,7 @@ def validate_judge_item(image: object, prompt: object, tok: Tokenizer, limits: R
 
 
 def _check_prompt_tokens(prompt: str, tok: Tokenizer, limits: RequestLimits) -> None:
-    n_tokens = len(tok.encode(prompt))
+    n_tokens = tok.count_tokens(prompt)
     if n_tokens > limits.max_prompt_tokens:
         raise InvalidRequestError(f"prompt is {n_tokens} tokens; the limit is {limits.max_prompt_tokens}")
 

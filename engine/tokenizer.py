@@ -102,6 +102,24 @@ class Tokenizer:
                 f"{path}: no tokenizer.json, and missing tokenizer_config.json ({exc})"
             ) from None
 
+    @classmethod
+    def from_json(cls, text: str) -> Tokenizer:
+        """The tokenizer `to_json` wrote (how a worker hands its tokenizer to API pods without the model)."""
+        try:
+            return cls(HFTokenizer.from_str(text))
+        except CheckpointError:
+            raise
+        except Exception as exc:  # the Rust loader raises plain Exception subclasses
+            raise CheckpointError(f"invalid tokenizer JSON: {exc}") from None
+
+    def to_json(self) -> str:
+        """The whole tokenizer as `tokenizer.json` text; `from_json` gives the same ids."""
+        return self._tok.to_str()
+
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens of a user prompt as the prompt-token limit counts them (RequestLimits.max_prompt_tokens)."""
+        return len(self.encode(prompt))
+
     @property
     def vocab_size(self) -> int:
         """Entries including added tokens (the embedding may have more rows)."""

@@ -19,6 +19,7 @@ Task = Literal["refine", "generate", "edit"]
 RenormType = Literal["global", "channel", "text_channel"]
 TASKS: tuple[str, ...] = ("refine", "generate", "edit")
 RENORM_TYPES: tuple[str, ...] = ("global", "channel", "text_channel")
+MIN_STEPS, MAX_STEPS = 2, 1000  # `steps` (num_timesteps T) the sampler accepts
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,8 @@ class SamplingParams:
         interval = self.cfg_interval
         if not isinstance(interval, tuple | list) or len(interval) != 2 or not all(map(_is_number, interval)):
             raise InvalidRequestError(f"cfg_interval must be two numbers, got {interval!r}")
-        if not 2 <= self.steps <= 1000:
-            raise InvalidRequestError(f"steps must be in [2, 1000], got {self.steps}")
+        if not MIN_STEPS <= self.steps <= MAX_STEPS:
+            raise InvalidRequestError(f"steps must be in [{MIN_STEPS}, {MAX_STEPS}], got {self.steps}")
         lo, hi = self.cfg_interval
         if not 0.0 <= lo <= hi <= 1.0:
             raise InvalidRequestError(

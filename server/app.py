@@ -97,17 +97,44 @@ def create_app(
         return await _serve_error(request, ServeError("internal error"))
 
     from server import web
-    from server.routes import health, jobs, openai_images, submit
+    from server.routes import health, info, jobs, openai_images, submit
 
     app.include_router(health.router)
     app.include_router(submit.router)
     app.include_router(jobs.router)
+    app.include_router(info.router)
     app.include_router(openai_images.router)
     web.install(app, settings)
+    if settings.key_digests():
+        _declare_bearer_auth(app)
     # The last added is outermost: security headers and metrics see every answer, auth runs before the
     # body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(AuthMiddleware, digests=settings.key_digests())
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    routes = [r for router in (health, submit, jobs, info, openai_images) for r in router.router.routes]
+    routes += [r for r in app.router.routes if hasattr(r, "path_regex")]  # the web page's, the docs'
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
     app.add_middleware(SecurityHeadersMiddleware)
     return app
+
+
+def _declare_bearer_auth(app: FastAPI) -> None:
+    """OpenAPI names the bearer scheme that AuthMiddleware enforces on every `/v1` route, so generated
+    clients and Swagger's Authorize button send the key."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearerAuth": {"type": "http", "scheme": "bearer", "description": "An API key of api_keys"}
+        }
+        for path, operations in schema.get("paths", {}).items():
+            if path.startswith("/v1"):
+                for op in operations.values():
+                    op["security"] = [{"bearerAuth": []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="GPU worker on the Redis queue (needs --redis-url)")
     add_cli_flags(worker)
     sub.add_parser("settings", help="print every setting as a Markdown table")
+    info = sub.add_parser(
+        "info", help="load the model as rvr serve would and print what GET /v1/info would serve (JSON)"
+    )
+    add_cli_flags(info)
     try:
         from engine import cli as engine_cli  # argparse only at import; torch loads when a command runs
     except ImportError:
@@ -62,14 +66,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "settings":
         sys.stdout.write(settings_table_markdown())
         return 0
-    if args.command in ("serve", "worker"):
+    if args.command in ("serve", "worker", "info"):
         try:
             settings = settings_from_args(args)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             print(f"rvr {args.command}: error: invalid settings: {_settings_problems(exc)}", file=sys.stderr)
             return 2
+        if args.command == "info":
+            return print_info(settings)
         return serve(settings) if args.command == "serve" else run_worker(settings)
     return int(args.engine_cli.run(args))
+
+
+def print_info(settings: Settings) -> int:
+    """The capabilities and limits of `GET /v1/info` for these settings and this machine's model."""
+    import dataclasses
+    import json
+
+    from engine.errors import EngineError
+    from server.capabilities import service_info
+    from server.worker import load_engine_for
+
+    try:
+        engine = load_engine_for(settings)
+    except (EngineError, OSError) as exc:
+        print(f"rvr info: error: {exc}", file=sys.stderr)
+        return 1
+    caps = engine.capabilities()
+    log.info("engine: %s", caps.summary())
+    print(json.dumps(dataclasses.asdict(service_info(settings, [caps])), indent=2))
+    return 0
 
 
 def run_training_command(command: str, argv: list[str]) -> int:
@@ -181,8 +207,7 @@ def run_worker(settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     probes = _probe_server(settings, worker, metrics)
     worker.load()
-    metrics.worker_ready.set(1)
-    log.info("worker %s ready on %s", settings.worker_name, worker.engine.device)
+    log.info("worker %s ready", settings.worker_name)
     worker.run()
     if probes is not None:
         probes.shutdown()

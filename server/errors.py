@@ -73,6 +73,21 @@ class InvalidInput(ServeError):
     code, status = "invalid_input", 422
 
 
+class LimitExceeded(InvalidInput):
+    """A field outside a limit of `GET /v1/info` (the settings and the loaded model together). The code
+    stays `invalid_input`; the body adds the field (`param`), the limit's key in `/v1/info`'s `limits`
+    (`limit_name`) and its value (`limit`)."""
+
+    def __init__(self, param: str, limit_name: str, limit: int, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param, self.limit_name, self.limit = param, limit_name, limit
+
+    def body(self) -> dict:
+        body = super().body()
+        body["error"].update(param=self.param, limit_name=self.limit_name, limit=self.limit)
+        return body
+
+
 class ImageTooLarge(ServeError):
     code, status = "image_too_large", 400
 

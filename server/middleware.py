@@ -82,11 +82,22 @@ class BodyLimitMiddleware:
         return await self.app(scope, counting_receive, send)
 
 
+def _route_name(scope: Scope, routes: list[Any]) -> str:
+    """The route template of a request; also for answers sent before routing (a 413 on Content-Length, a
+    401), which would otherwise all count as `unmatched`."""
+    route = scope.get("route")
+    if route is None:
+        from starlette.routing import Match
+
+        route = next((r for r in routes if r.matches(scope)[0] == Match.FULL), None)
+    return getattr(route, "path", None) or "unmatched"
+
+
 class MetricsMiddleware:
     """Counts requests by route template (never by job id) and status code."""
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: Any, metrics: Metrics, routes: list[Any]) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -103,8 +114,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, capture)
         finally:
-            route = scope.get("route")
-            name = getattr(route, "path", None) or "unmatched"
+            name = _route_name(scope, self.routes)
             self.metrics.requests.labels(route=name, code=str(status)).inc()
             self.metrics.request_seconds.labels(route=name).observe(time.perf_counter() - t0)
 

@@ -12,9 +12,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from server.errors import BadRequest, InvalidInput, ServeError, UnsupportedMediaType
+from server.capabilities import Limits
+from server.errors import BadRequest, InvalidInput, LimitExceeded, ServeError, UnsupportedMediaType
 from server.schemas import JobParams
-from server.settings import Settings
 from server.uploads import check_declared_type
 
 _MAX_FIELDS = 32
@@ -124,21 +124,48 @@ async def _read_form(request: Request, needs_image: bool) -> tuple[dict[str, Any
     return fields, None
 
 
-def check_limits(kind: str, p: JobParams, s: Settings) -> None:
-    """Limits that are settings, and task rules the schema cannot express (422)."""
-    if len(p.prompt) > s.max_prompt_chars:
-        raise InvalidInput(f"prompt: longer than {s.max_prompt_chars} characters")
+def check_limits(kind: str, p: JobParams, limits: Limits) -> None:
+    """The limits of `GET /v1/info` (422 naming the field, the limit and its value), and task rules the
+    schema cannot express (422). Prompt tokens are counted by the caller (async): `check_prompt_tokens`."""
+    if len(p.prompt) > limits.max_prompt_chars:
+        n = limits.max_prompt_chars
+        raise LimitExceeded("prompt", "max_prompt_chars", n, f"longer than {n} characters")
     if not p.prompt.strip():
         raise InvalidInput("prompt: must not be blank")
-    if p.steps is not None and p.steps > s.max_steps:
-        raise InvalidInput(f"steps: at most {s.max_steps}")
-    if p.rounds > s.max_rounds:
-        raise InvalidInput(f"rounds: at most {s.max_rounds}")
-    for name in ("height", "width"):
-        value = getattr(p, name)
-        if value is not None and (value > s.max_output_side or value % s.output_size_multiple):
-            raise InvalidInput(f"{name}: a multiple of {s.output_size_multiple}, at most {s.max_output_side}")
+    if p.steps is not None:
+        lo, hi = limits.min_steps, limits.max_steps
+        if not lo <= p.steps <= hi:
+            name, value = ("min_steps", lo) if p.steps < lo else ("max_steps", hi)
+            raise LimitExceeded("steps", name, value, f"must be in [{lo}, {hi}], got {p.steps}")
+    if p.rounds > limits.max_rounds:
+        n = limits.max_rounds
+        raise LimitExceeded("rounds", "max_rounds", n, f"at most {n}, got {p.rounds}")
+    for field in ("height", "width"):
+        value = getattr(p, field)
+        if value is None:
+            continue
+        if value < limits.min_side:
+            name, limit = "min_side", limits.min_side
+        elif value > limits.max_side:
+            name, limit = "max_side", limits.max_side
+        elif value % limits.side_multiple:
+            name, limit = "side_multiple", limits.side_multiple
+        else:
+            continue
+        raise LimitExceeded(
+            field,
+            name,
+            limit,
+            f"a multiple of {limits.side_multiple} in [{limits.min_side}, {limits.max_side}] "
+            f"(this model and these settings), got {value}",
+        )
     if p.cfg_interval is not None and not 0.0 <= p.cfg_interval[0] <= p.cfg_interval[1] <= 1.0:
         raise InvalidInput("cfg_interval: needs 0 <= lo <= hi <= 1")
     if kind == "generate" and (p.rounds != 1 or p.until_score is not None):
         raise InvalidInput("rounds and until_score apply to refine only")
+
+
+def check_prompt_tokens(n_tokens: int | None, limits: Limits) -> None:
+    n = limits.max_prompt_tokens
+    if n_tokens is not None and n is not None and n_tokens > n:
+        raise LimitExceeded("prompt", "max_prompt_tokens", n, f"{n_tokens} tokens; the limit is {n}")

@@ -24,6 +24,7 @@ class Runtime:
     worker_thread: threading.Thread | None = None
     draining: threading.Event = field(default_factory=threading.Event)
     decode_limiter: anyio.CapacityLimiter | None = None
+    tokenizers: dict[str, Any] = field(default_factory=dict)  # tokenizer hash -> engine Tokenizer
 
     def worker_ready(self) -> bool:
         return self.worker is None or (self.worker.ready.is_set() and not self.worker.stopped.is_set())

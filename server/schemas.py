@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 SCHEMA_VERSION = 1
 JobKind = Literal["refine", "generate", "judge"]
 OutputFormat = Literal["png", "jpeg", "webp"]
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# `cancelling`: cancel asked of a running job, which stops at its next step boundary (then `cancelled`).
+JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 EVENT_TYPES = ("queued", "started", "progress", "preview", "completed", "failed", "cancelled")
 TERMINAL_EVENTS: frozenset[str] = frozenset({"completed", "failed", "cancelled"})

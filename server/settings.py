@@ -8,17 +8,38 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import socket
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _GRAPH_BUCKET = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 # Tokens a copied example would leave in place; refused at startup.
 _PLACEHOLDER_KEYS = {"changethis", "changeme", "secret", "password", "test", "example"}
+
+
+def parse_list_setting(value: Any, name: str) -> Any:
+    """A list setting from an env var or flag: a JSON list of strings (`'["a", "b"]'`) or comma-separated
+    values (`a,b`). Anything else (broken JSON, a JSON object, non-string items) is refused, naming `name`,
+    so a mistyped value fails at start-up instead of becoming one odd entry."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith(("[", "{", '"')):
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            raise ValueError(
+                f"{name}: {text[:40]!r} is neither a JSON list nor comma-separated values"
+            ) from None
+        if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+            raise ValueError(f'{name}: a JSON value must be a list of strings, e.g. ["a", "b"]')
+        return [v.strip() for v in parsed if v.strip()]
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 class Settings(BaseSettings):
@@ -124,11 +145,8 @@ class Settings(BaseSettings):
 
     @field_validator("api_key_sha256", "api_keys", "cuda_graph_buckets", mode="before")
     @classmethod
-    def _split_csv(cls, value: Any) -> Any:
-        # Env vars and flags give "a,b"; pydantic-settings would want JSON.
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
+    def _parse_list(cls, value: Any, info: ValidationInfo) -> Any:
+        return parse_list_setting(value, f"RVR_{info.field_name.upper()}")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

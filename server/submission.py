@@ -3,6 +3,7 @@ admission gate, validation, image normalisation, deadline check, enqueue; and wa
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Literal
@@ -10,8 +11,9 @@ from typing import Literal
 import anyio
 from starlette.requests import Request
 
-from server.errors import InvalidInput, Overloaded, Unavailable
-from server.params import check_limits
+from server.capabilities import current_info, prompt_tokens
+from server.errors import InvalidInput, Overloaded, Unavailable, job_failure
+from server.params import check_limits, check_prompt_tokens
 from server.runtime import Runtime
 from server.schemas import TERMINAL_EVENTS, JobMessage, JobParams, fingerprint
 from server.uploads import normalize_image
@@ -58,7 +60,9 @@ async def enqueue(
     """Validated parameters and raw upload -> a queued job id (the existing one for a repeated
     Idempotency-Key with the same payload). `depth` is admission_gate's answer (None: a replay)."""
     s = rt.settings
-    check_limits(kind, params, s)
+    info = await current_info(rt)
+    check_limits(kind, params, info.limits)
+    check_prompt_tokens(await prompt_tokens(rt, info, params.prompt), info.limits)
     image = None
     if raw_image is not None:
         image = await anyio.to_thread.run_sync(
@@ -87,14 +91,26 @@ WaitOutcome = Literal["ended", "timeout", "left"]
 
 async def wait_for_end(request: Request, rt: Runtime, job_id: str) -> WaitOutcome:
     """Hold until the job ends (`ended`), `max_wait_s` passes or the server drains (`timeout`), or the
-    caller leaves (`left`: the job is cancelled, since nobody else waits for it)."""
+    caller leaves (`left`: the job is cancelled, since nobody else waits for it). A job still queued when
+    its deadline passes raises the 504 `queue_timeout` at once (it will never run: the worker ends it
+    failed with that code when it reaches it), instead of holding the caller until a slot frees."""
     deadline = time.monotonic() + rt.settings.max_wait_s
+    rec = await rt.queue.get(job_id)
+    job_deadline = float(rec["deadline"]) if rec and rec.get("deadline") else math.inf
     after: str | None = None
     while time.monotonic() < deadline:
-        for ev in await rt.queue.events(job_id, after, 1.0):
+        block_s = min(1.0, max(0.05, job_deadline - time.time()))
+        for ev in await rt.queue.events(job_id, after, block_s):
             after = ev.id
             if ev.type in TERMINAL_EVENTS:
                 return "ended"
+        if time.time() > job_deadline:
+            rec = await rt.queue.get(job_id)
+            if rec is not None and rec["status"] == "queued":
+                message = "the job's deadline passed before it started"
+                await rt.queue.expire(job_id, message)
+                raise job_failure("queue_timeout", message, job_id)
+            job_deadline = math.inf  # it started in time: wait for its end
         if rt.draining.is_set():
             break
         if await request.is_disconnected():

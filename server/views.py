@@ -36,6 +36,28 @@ async def queue_eta_s(rt: Runtime, ahead: int) -> float:
     return (ahead / slots + 1) * max((w.job_s for w in stats), default=0.0)
 
 
+def planned_evaluations(rec: dict[str, str]) -> int:
+    """Model evaluations a queued job will run: (steps - 1) per round x rounds; one for judge."""
+    if rec["kind"] == "judge":
+        return 1
+    from engine.types import TASK_DEFAULTS  # plain dataclasses; no torch
+
+    steps = int(rec.get("steps") or 0) or TASK_DEFAULTS[rec["kind"]].steps
+    return (steps - 1) * int(rec.get("rounds") or 1)
+
+
+async def queued_job_eta_s(rt: Runtime, ahead: int, rec: dict[str, str]) -> float:
+    """Seconds until a queued job is done: the jobs ahead (ahead / slots x measured job time), then its
+    own evaluations x the measured step time (job time until a step is measured). 0.0 before any
+    measurement."""
+    stats = await rt.queue.worker_stats()
+    slots = sum(w.slots for w in stats) or 1
+    job_s = max((w.job_s for w in stats), default=0.0)
+    step_s = max((w.step_s for w in stats), default=0.0)
+    own = planned_evaluations(rec) * step_s if step_s else job_s
+    return ahead / slots * job_s + own
+
+
 async def retry_after(rt: Runtime, ahead: int) -> str:
     s = rt.settings
     eta = await queue_eta_s(rt, ahead)
@@ -54,10 +76,12 @@ async def job_view(rt: Runtime, rec: dict[str, str]) -> JobView:
         view["score"] = float(rec["score"])
     if rec.get("scores"):
         view["scores"] = json.loads(rec["scores"])
-    if status == "queued":
+    if status not in TERMINAL and rec.get("cancel_requested"):
+        view["status"] = "cancelling"  # no ETA: it stops at the next step boundary
+    elif status == "queued":
         view["position"] = await rt.queue.position(job_id)
         if view["position"] is not None:
-            view["eta_s"] = await queue_eta_s(rt, view["position"]) or None
+            view["eta_s"] = await queued_job_eta_s(rt, view["position"], rec) or None
     elif status == "running" and "total" in view:
         step_s = max((w.step_s for w in await rt.queue.worker_stats()), default=0.0)
         rounds_left = max(0, view.get("rounds", 1) - view.get("round", 1))
@@ -68,7 +92,7 @@ async def job_view(rt: Runtime, rec: dict[str, str]) -> JobView:
             view["timings"] = json.loads(rec["timings"])
     elif status == "failed":
         view["error"] = {"code": rec.get("error_code", "internal"), "message": rec.get("error_message", "")}
-    if status not in TERMINAL:
+    if status not in TERMINAL and view["status"] != "cancelling":
         links["cancel"] = f"/v1/jobs/{job_id}"
     return JobView(**view)
 

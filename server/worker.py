@@ -92,6 +92,24 @@ def backend_options(settings: Settings) -> dict:
     }
 
 
+def load_engine_for(s: Settings) -> Engine:
+    """The engine a worker with settings `s` serves (also `rvr info`)."""
+    from engine import load_engine
+    from engine.requests import RequestLimits
+
+    return load_engine(
+        s.model,
+        device=s.device,
+        dtype=s.dtype,
+        weights=s.weights,
+        attention=s.attention,
+        backend=s.engine_backend,
+        backend_options=backend_options(s),
+        kv_capacity=s.kv_capacity_tokens,
+        limits=RequestLimits(max_prompt_tokens=s.max_prompt_tokens, max_rounds=s.max_rounds),
+    )
+
+
 class _Ema:
     def __init__(self, alpha: float = 0.2) -> None:
         self.alpha, self.value = alpha, 0.0
@@ -126,29 +144,22 @@ class Worker:
         self._last_refresh = self._last_reap = 0.0
         self.last_tick = time.time()  # liveness: the loop is turning
         self.fatal: BaseException | None = None
+        self.capabilities: dict | None = None  # published with every heartbeat once loaded
 
     # ---- lifecycle ----
     def load(self) -> None:
         """Load the engine (unless given) and warm it up; sets `ready`."""
         if self.engine is None:
-            from engine import load_engine
-            from engine.requests import RequestLimits
-
-            s = self.settings
-            self.engine = load_engine(
-                s.model,
-                device=s.device,
-                dtype=s.dtype,
-                weights=s.weights,
-                attention=s.attention,
-                backend=s.engine_backend,
-                backend_options=backend_options(s),
-                kv_capacity=s.kv_capacity_tokens,
-                limits=RequestLimits(max_prompt_tokens=s.max_prompt_tokens, max_rounds=s.max_rounds),
-            )
+            self.engine = load_engine_for(self.settings)
+        caps = self.engine.capabilities()
+        log.info("engine: %s", caps.summary())
+        self.capabilities = caps.to_dict()
+        self.queue.share_tokenizer(caps.tokenizer_hash, self.engine.tokenizer.to_json())
         if self.settings.warmup:
             self._warmup()
         self.ready.set()
+        if self.metrics:
+            self.metrics.worker_ready.set(1)
 
     def _warmup(self) -> None:
         from engine.types import GenerationRequest, SamplingParams
@@ -200,6 +211,8 @@ class Worker:
                 # delivery count still grows, so a job that kills workers ends up dead-lettered.)
                 self._end_all("generation_failed", "the worker stopped on an internal error")
         finally:
+            if self.metrics:
+                self.metrics.worker_ready.set(0)
             self._pool.shutdown(wait=True)
             self.stopped.set()
 
@@ -521,7 +534,7 @@ class Worker:
         if now - self._last_refresh >= s.heartbeat_interval_s:
             self._last_refresh = now
             deliveries = [job.delivery for job in self.batcher.jobs] + [d for d, _ in self._finishing]
-            stats = WorkerStats(step_s=self._step_s.value, job_s=self._job_s.value, slots=s.max_batch_jobs)
+            stats = WorkerStats(self._step_s.value, self._job_s.value, s.max_batch_jobs, self.capabilities)
             self.queue.refresh(deliveries, stats)
         if not self._stop.is_set() and now - self._last_reap >= s.reaper_interval_s:
             self._last_reap = now

@@ -1,8 +1,8 @@
 """The queue protocol both backends implement: an async side for the API, a sync side for the worker.
 
 Job records are flat `str -> str` maps (a Redis hash) with these fields: id, kind, status, created_at,
-started_at, finished_at, step, total, round, rounds, seed, score, scores (JSON: p(yes) per round),
-error_code, error_message, output_format, attempts, worker, timings (JSON), completions (results
+deadline (not started by then: never runs), started_at, finished_at, steps (asked; 0: the task's default), step, total, round, rounds, seed, score, scores (JSON: p(yes) per round),
+cancel_requested (1: a cancel asked of a running job), error_code, error_message, output_format, attempts, worker, timings (JSON), completions (results
 written; 1 when correct).
 """
 
@@ -31,6 +31,7 @@ class WorkerStats:
     step_s: float = 0.0
     job_s: float = 0.0
     slots: int = 1
+    capabilities: dict | None = None  # engine.capabilities.Capabilities.to_dict() of a loaded worker
 
 
 def initial_record(msg: JobMessage, fingerprint: str) -> dict[str, str]:
@@ -39,6 +40,8 @@ def initial_record(msg: JobMessage, fingerprint: str) -> dict[str, str]:
         "kind": msg.kind,
         "status": "queued",
         "created_at": repr(msg.enqueued_at),
+        "deadline": repr(msg.deadline),
+        "steps": str(msg.params.steps or 0),  # 0: the task's default
         "rounds": str(msg.params.rounds),
         "output_format": msg.params.output_format,
         "attempts": "0",
@@ -83,6 +86,11 @@ class ApiQueue(Protocol):
         """Cancel: a queued job at once, a running one at the worker's next step boundary."""
         ...
 
+    async def expire(self, job_id: str, message: str) -> bool:
+        """End a job still waiting in the queue as failed `queue_timeout` (its deadline passed); False when
+        it is no longer waiting."""
+        ...
+
     async def events(self, job_id: str, after: str | None, block_s: float) -> list[Event]:
         """Events after id `after` (None: from the start); waits up to `block_s` for the first."""
         ...
@@ -90,6 +98,10 @@ class ApiQueue(Protocol):
     def valid_event_id(self, event_id: str) -> bool: ...
 
     async def result(self, job_id: str) -> bytes | None: ...
+
+    async def tokenizer_json(self, sha256: str) -> str | None:
+        """A tokenizer a worker shared (`WorkerQueue.share_tokenizer`), or None."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -132,6 +144,10 @@ class WorkerQueue(Protocol):
 
     def hand_back(self, d: Delivery) -> None:
         """Return a job to the queue for another worker (drain). Durable queues only."""
+        ...
+
+    def share_tokenizer(self, sha256: str, tokenizer_json: str) -> None:
+        """Make the worker's tokenizer readable by API processes (prompt tokens counted at submit)."""
         ...
 
     def refresh(self, deliveries: list[Delivery], stats: WorkerStats) -> None:

@@ -42,6 +42,7 @@ class MemoryQueue:
         self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._running: set[str] = set()
         self._stats: WorkerStats | None = None
+        self._tokenizers: dict[str, str] = {}
         self._result_ttl_s = result_ttl_s
         self._idem_ttl_s = idempotency_ttl_s
 
@@ -119,6 +120,9 @@ class MemoryQueue:
     async def worker_stats(self) -> list[WorkerStats]:
         return [self._stats] if self._stats else []
 
+    async def tokenizer_json(self, sha256: str) -> str | None:
+        return self._tokenizers.get(sha256)
+
     async def cancel(self, job_id: str) -> dict[str, str] | None:
         with self._lock:
             job = self._jobs.get(job_id)
@@ -129,7 +133,18 @@ class MemoryQueue:
                 self._finish(job, "cancelled", {}, finished_fields("cancelled"))
             elif job.record["status"] not in TERMINAL:
                 job.cancel = True  # taken by the worker: it stops at the next step boundary
+                job.record["cancel_requested"] = "1"
             return dict(job.record)
+
+    async def expire(self, job_id: str, message: str) -> bool:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job_id not in self._waiting:
+                return False  # taken: the worker expires it before it reaches the engine
+            self._waiting.remove(job_id)
+            fields = finished_fields("failed", error_code="queue_timeout", error_message=message)
+            self._finish(job, "failed", {"code": "queue_timeout", "message": message}, fields)
+            return True
 
     async def events(self, job_id: str, after: str | None, block_s: float) -> list[Event]:
         start = int(after) if after else 0
@@ -226,6 +241,9 @@ class MemoryQueue:
             job = self._jobs.get(d.msg.id)
             if job is not None and job.record["status"] not in TERMINAL:
                 self._finish(job, etype, data, fields)
+
+    def share_tokenizer(self, sha256: str, tokenizer_json: str) -> None:
+        self._tokenizers[sha256] = tokenizer_json
 
     def refresh(self, deliveries: list[Delivery], stats: WorkerStats) -> None:
         self._stats = stats

@@ -16,7 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.errors import IdempotencyMismatch, Overloaded, Unavailable
 from server.queue.base import WorkerStats, initial_record
-from server.queue.redis_keys import CANCEL, GROUP, POSITION, SUBMIT, Keys
+from server.queue.redis_keys import CANCEL, EXPIRE_QUEUED, GROUP, POSITION, SUBMIT, Keys
 from server.schemas import Event, JobMessage, QueueStats
 from server.settings import Settings
 
@@ -63,6 +63,7 @@ class RedisApiQueue:
         self._submit = self.redis.register_script(SUBMIT)
         self._position = self.redis.register_script(POSITION)
         self._cancel = self.redis.register_script(CANCEL)
+        self._expire_queued = self.redis.register_script(EXPIRE_QUEUED)
         # Records outlive a queued job's longest wait, then the result's TTL.
         self._job_ttl = int(settings.max_queue_wait_s + settings.result_ttl_s + settings.drain_timeout_s + 60)
 
@@ -146,8 +147,14 @@ class RedisApiQueue:
         for raw in (await self.redis.hgetall(self.keys.workers)).values():
             d = json.loads(raw)
             if d.get("ts", 0) >= fresh:
-                out.append(WorkerStats(step_s=d["step_s"], job_s=d["job_s"], slots=d["slots"]))
+                stats = WorkerStats(d["step_s"], d["job_s"], d["slots"], d.get("capabilities"))
+                out.append(stats)
         return out
+
+    @_unavailable
+    async def tokenizer_json(self, sha256: str) -> str | None:
+        raw = await self.redis.get(self.keys.tokenizer(sha256))
+        return raw.decode() if raw is not None else None
 
     @_unavailable
     async def cancel(self, job_id: str) -> dict[str, str] | None:
@@ -156,6 +163,14 @@ class RedisApiQueue:
             keys=keys, args=[self.settings.result_ttl_s, repr(time.time()), self.settings.events_maxlen]
         )
         return decode_hash(raw) if raw else None
+
+    @_unavailable
+    async def expire(self, job_id: str, message: str) -> bool:
+        s = self.settings
+        data = json.dumps({"code": "queue_timeout", "message": message})
+        args = [s.result_ttl_s, repr(time.time()), s.events_maxlen, message, data]
+        keys = [self.keys.job(job_id), self.keys.events(job_id)]
+        return bool(await self._expire_queued(keys=keys, args=args))
 
     @_unavailable
     async def events(self, job_id: str, after: str | None, block_s: float) -> list[Event]:

@@ -10,7 +10,8 @@
 | `<p>:events:<id>`          | stream, TTL   | `type`, `data` (JSON); entry ids are the SSE ids            |
 | `<p>:cancel:<id>`          | string, TTL   | cancel flag the worker checks every step                    |
 | `<p>:idem:<client>:<key>`  | string, TTL   | "<job id> <fingerprint>"                                     |
-| `<p>:workers`              | hash          | worker name -> JSON stats and heartbeat time                |
+| `<p>:workers`              | hash          | worker name -> JSON stats, capabilities and heartbeat time  |
+| `<p>:tokenizer:<sha256>`   | string, TTL   | a worker's tokenizer JSON (prompt tokens counted at submit) |
 
 The job stream is bounded by admission (`max_queue_depth`), never by MAXLEN: only acknowledged
 entries are deleted (with XDEL, in the same script as the XACK).
@@ -19,6 +20,8 @@ entries are deleted (with XDEL, in the same script as the XACK).
 from __future__ import annotations
 
 GROUP = "workers"
+# A shared tokenizer outlives its last worker by this long (every heartbeat renews it).
+TOKENIZER_TTL_S = 86400
 
 
 class Keys:
@@ -42,6 +45,9 @@ class Keys:
 
     def cancel(self, job_id: str) -> str:
         return f"{self.p}:cancel:{job_id}"
+
+    def tokenizer(self, sha256: str) -> str:
+        return f"{self.p}:tokenizer:{sha256}"
 
     def idem(self, scoped_key: str) -> str:
         return f"{self.p}:idem:{scoped_key}"
@@ -118,6 +124,9 @@ if not st then return nil end
 if st == 'queued' or st == 'running' then
   redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
 end
+if st == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+end
 if st == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2])
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'type', 'cancelled', 'data', '{}')
@@ -125,6 +134,17 @@ if st == 'queued' then
   redis.call('EXPIRE', KEYS[1], ARGV[1])
 end
 return redis.call('HGETALL', KEYS[1])
+"""
+
+# KEYS: job, events.  ARGV: ttl, now, maxlen, message, event data.  Only a job still queued.
+EXPIRE_QUEUED = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[2], 'error_code', 'queue_timeout',
+           'error_message', ARGV[4])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'type', 'failed', 'data', ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
 """
 
 _TERMINAL = """

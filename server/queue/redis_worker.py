@@ -23,7 +23,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server.queue.base import Delivery, WorkerStats
 from server.queue.redis_api import decode_hash
-from server.queue.redis_keys import DEAD_LETTER, FINISH, GROUP, HAND_BACK, PUBLISH, REFRESH, Keys
+from server.queue.redis_keys import (
+    DEAD_LETTER,
+    FINISH,
+    GROUP,
+    HAND_BACK,
+    PUBLISH,
+    REFRESH,
+    TOKENIZER_TTL_S,
+    Keys,
+)
 from server.schemas import JobMessage
 from server.settings import Settings
 
@@ -203,7 +212,16 @@ class RedisWorkerQueue:
     def refresh(self, deliveries: list[Delivery], stats: WorkerStats) -> None:
         refs = [d.ref for d in deliveries + self._backlog]
         now = time.time()
-        beat = json.dumps({"ts": now, "step_s": stats.step_s, "job_s": stats.job_s, "slots": stats.slots})
+        beat = json.dumps(
+            {
+                "ts": now,
+                "step_s": stats.step_s,
+                "job_s": stats.job_s,
+                "slots": stats.slots,
+                "capabilities": stats.capabilities,
+            }
+        )
+        caps = stats.capabilities or {}
 
         def run() -> None:
             pipe = self.redis.pipeline(transaction=False)
@@ -211,9 +229,14 @@ class RedisWorkerQueue:
                 # Reset idle time of what this worker still owns, without counting a delivery.
                 self._refresh(keys=[self.keys.stream], args=[GROUP, self.consumer, *refs], client=pipe)
             pipe.hset(self.keys.workers, self.consumer, beat)
+            if caps.get("tokenizer_hash"):
+                pipe.expire(self.keys.tokenizer(caps["tokenizer_hash"]), TOKENIZER_TTL_S)
             pipe.execute()
 
         self._retry(run)
+
+    def share_tokenizer(self, sha256: str, tokenizer_json: str) -> None:
+        self._retry(lambda: self.redis.set(self.keys.tokenizer(sha256), tokenizer_json, ex=TOKENIZER_TTL_S))
 
     def reap(self) -> tuple[int, int]:
         """XAUTOCLAIM entries idle past the visibility timeout, looping the cursor to 0-0."""

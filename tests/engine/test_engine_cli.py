@@ -78,7 +78,7 @@ def test_make_checkpoint_layout(cli_ckpt, capsys):
 
 
 def test_refine_subprocess_matches_engine(cli_ckpt, cli_engine, input_png, tmp_path):
-    out = tmp_path / "sub" / "refined.png"  # parent directory is created
+    out = tmp_path / "refined.png"
     r = _subprocess(
         "refine", "--model", cli_ckpt, "--image", input_png, "--prompt", "a blue car",
         "-o", out, "--steps", "3", "--seed", "17", "--device", "cpu",
@@ -163,6 +163,7 @@ def _bad_inputs(ckpt: Path, png: Path, tmp: Path) -> dict[str, list[str]]:
             "--height",
             "16",
         ],
+        "output directory missing": ["generate", "--prompt", "a", "-o", str(tmp / "missing" / "x.png"), *m],
         "output extension": ["generate", "--prompt", "a", "-o", str(tmp / "x.nope"), *m, "--height", "16"],
         "make-checkpoint weights": ["make-checkpoint", str(tmp / "ck"), "--weights", "emma"],
     }

@@ -69,3 +69,48 @@ def test_cuda_graph_buckets_setting(monkeypatch):
             Settings(cuda_graph_buckets=bad)
     with pytest.raises(ValueError):
         Settings(cuda_graph_max_padding=-0.1)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '["k1-long-secret", "k2-long-secret"]',
+        "k1-long-secret, k2-long-secret",
+        " k1-long-secret,k2-long-secret,",
+    ],
+)
+def test_list_settings_take_json_or_comma_separated(monkeypatch, value):
+    monkeypatch.setenv("RVR_API_KEYS", value)
+    assert Settings().api_keys == ["k1-long-secret", "k2-long-secret"]
+    args = build_parser().parse_args(["serve", "--api-keys", value])
+    assert settings_from_args(args).api_keys == ["k1-long-secret", "k2-long-secret"]
+
+
+@pytest.mark.parametrize("value", ['["k1-long-secret"', '{"k": "v"}', "[1, 2]", '"k1-long-secret"'])
+def test_malformed_list_setting_fails_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv("RVR_API_KEYS", value)
+    with pytest.raises(ValidationError, match="RVR_API_KEYS"):
+        Settings()
+
+
+def test_malformed_list_setting_stops_rvr_serve(monkeypatch, capsys):
+    from server.cli import main
+
+    monkeypatch.setenv("RVR_CUDA_GRAPH_BUCKETS", '["3x4096",')
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "RVR_CUDA_GRAPH_BUCKETS" in err and len(err.strip().splitlines()) == 1
+
+
+def test_openapi_declares_bearer_auth_only_with_keys():
+    from server.app import create_app
+
+    spec = create_app(Settings(api_keys=["k1-long-secret"])).openapi()  # what /openapi.json serves
+    assert spec["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key of api_keys",
+    }
+    assert spec["paths"]["/v1/refine"]["post"]["security"] == [{"bearerAuth": []}]
+    assert "security" not in spec["paths"].get("/livez", {}).get("get", {})
+    assert "securitySchemes" not in create_app(Settings()).openapi().get("components", {})
